@@ -1,0 +1,22 @@
+"""The ``qcorrect`` command: ``qcorrect bench memory`` and, as issues land, more subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qcorrect", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="benchmarks that print a table (--json: one JSON object last)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from .bench import memory
+
+    memory.add_parser(bench_sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
