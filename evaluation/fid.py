@@ -1,7 +1,7 @@
 """Fréchet distances between feature sets, and QDiffBench's "FID to FP32" (PCR, Tang et al. 2024).
 
 The Fréchet (2-Wasserstein) distance between Gaussians fitted to two feature sets (Heusel et al.
-2017, "GANs Trained by a Two Time-Scale Update Rule…", Eq. 6; Dowson & Landau 1982):
+2017, "GANs Trained by a Two Time-Scale Update Rule…", the FID definition; Dowson & Landau 1982):
 
     d² = ‖μ_a − μ_b‖² + tr(Σ_a) + tr(Σ_b) − 2·tr((Σ_a^{1/2} Σ_b Σ_a^{1/2})^{1/2})
 
@@ -47,7 +47,7 @@ def feature_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gaussian_frechet_distance(mu_a, cov_a, mu_b, cov_b) -> float:
-    """Fréchet distance ``d²`` between N(μ_a, Σ_a) and N(μ_b, Σ_b) (Heusel et al. 2017, Eq. 6)."""
+    """Fréchet distance ``d²`` between N(μ_a, Σ_a) and N(μ_b, Σ_b) (Heusel et al. 2017; Dowson & Landau 1982)."""
     mu_a, mu_b = torch.as_tensor(mu_a).double(), torch.as_tensor(mu_b).double()
     cov_a, cov_b = torch.as_tensor(cov_a).double(), torch.as_tensor(cov_b).double()
     root_a = sqrtm_psd(cov_a)

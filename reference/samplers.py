@@ -7,7 +7,7 @@ Every sampler has the signature of ComfyUI's / k-diffusion's samplers::
 and calls a denoiser ``denoised = model(x, sigma * s_in, **extra_args)`` with ``s_in =
 x.new_ones([B])`` (docs/INTERFACES.md). ``x = x0 + σ·ε`` (ALGORITHMS.md §0.1); the
 probability-flow ODE of Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based
-Generative Models", Eq. 3 with σ(t) = t) is ``dx/dσ = (x − D(x, σ))/σ``.
+Generative Models", Eqs. 1 and 3 with σ(t) = t) is ``dx/dσ = (x − D(x, σ))/σ``.
 
 The update equations and the sequence of model calls follow k-diffusion (crowsonkb/k-diffusion,
 ``k_diffusion/sampling.py``) as used by ComfyUI, so an engine that wraps the model callable sees
@@ -57,7 +57,7 @@ def _bcast(sigma, x: torch.Tensor):
 
 
 def to_d(x: torch.Tensor, sigma, denoised: torch.Tensor) -> torch.Tensor:
-    """ODE derivative ``d = dx/dσ = (x − D(x, σ))/σ`` (Karras et al. 2022, Eq. 3 with σ(t)=t).
+    """ODE derivative ``d = dx/dσ = (x − D(x, σ))/σ`` (Karras et al. 2022, Eqs. 1 and 3 with σ(t) = t).
 
     ``d`` equals the ε-prediction ε̂ of an EPS model (ALGORITHMS.md §0.1: ``D = x − σ·ε̂``).
     """
@@ -96,8 +96,10 @@ def default_noise_sampler(x: torch.Tensor, seed: Optional[int] = None, generator
     return noise
 
 
-def _prepare(x, extra_args, opts):
-    """Common set-up: model kwargs without ``seed``, ``s_in``, and the noise sampler."""
+def _prepare(x, sigmas, extra_args, opts):
+    """Common set-up: σ's as a tensor on x's device, model kwargs without ``seed``, ``s_in``, and
+    the noise sampler."""
+    sigmas = torch.as_tensor(sigmas, device=x.device)
     extra = dict(extra_args or {})
     seed = opts.pop("seed", None)
     extra_seed = extra.pop("seed", None)
@@ -107,7 +109,7 @@ def _prepare(x, extra_args, opts):
         raise TypeError(f"unexpected sampler options: {sorted(opts)}")
     if noise_sampler is None:
         noise_sampler = default_noise_sampler(x, seed if seed is not None else extra_seed, generator)
-    return extra, x.new_ones([x.shape[0]]), noise_sampler
+    return sigmas, extra, x.new_ones([x.shape[0]]), noise_sampler
 
 
 def _steps(n: int, disable):
@@ -157,7 +159,7 @@ def sample_euler(
     ``x_{i+1} = x̂_i + (σ_{i+1} − σ̂_i)·d(x̂_i, σ̂_i)``; with ``s_churn = 0`` (default) σ̂ = σ.
     One model call per step.
     """
-    extra, s_in, noise_sampler = _prepare(x, extra_args, opts)
+    sigmas, extra, s_in, noise_sampler = _prepare(x, sigmas, extra_args, opts)
     for i in _steps(len(sigmas) - 1, disable):
         x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
         denoised = model(x, sigma_hat * s_in, **extra)
@@ -187,7 +189,7 @@ def sample_heun(
     ``x' = x̂ + h·d``, ``x_{i+1} = x̂ + h·(d + d(x', σ_{i+1}))/2`` with ``h = σ_{i+1} − σ̂_i``; the
     last step to σ = 0 is a plain Euler step (no second model call), as in k-diffusion.
     """
-    extra, s_in, noise_sampler = _prepare(x, extra_args, opts)
+    sigmas, extra, s_in, noise_sampler = _prepare(x, sigmas, extra_args, opts)
     for i in _steps(len(sigmas) - 1, disable):
         x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
         denoised = model(x, sigma_hat * s_in, **extra)
@@ -213,7 +215,7 @@ def sample_dpm_2(
     Midpoint ``σ_mid = √(σ̂_i·σ_{i+1})`` (geometric mean), ``x' = x̂ + (σ_mid − σ̂)·d``,
     ``x_{i+1} = x̂ + (σ_{i+1} − σ̂)·d(x', σ_mid)``; Euler (one call) on the last step to σ = 0.
     """
-    extra, s_in, noise_sampler = _prepare(x, extra_args, opts)
+    sigmas, extra, s_in, noise_sampler = _prepare(x, sigmas, extra_args, opts)
     for i in _steps(len(sigmas) - 1, disable):
         x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
         denoised = model(x, sigma_hat * s_in, **extra)
@@ -238,7 +240,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     ``D̃_i = (1 + 1/(2r))·D_i − (1/(2r))·D_{i−1}``, ``r = h_{i−1}/h``; the first step and the step
     to σ = 0 use ``D̃ = D_i`` (first order). One model call per step.
     """
-    extra, s_in, _ = _prepare(x, extra_args, opts)
+    sigmas, extra, s_in, _ = _prepare(x, sigmas, extra_args, opts)
     old_denoised = None
     for i in _steps(len(sigmas) - 1, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -271,7 +273,7 @@ def sample_euler_ancestral(
     ``(σ_down, σ_up) = get_ancestral_step(σ_i, σ_{i+1}, η)``; ``x ← x + (σ_down − σ_i)·d + σ_up·z``
     (ALGORITHMS.md §0.2; η = 1 is DDIM with η = 1). When σ_down = 0 the result is ``D`` itself.
     """
-    extra, s_in, noise_sampler = _prepare(x, extra_args, opts)
+    sigmas, extra, s_in, noise_sampler = _prepare(x, sigmas, extra_args, opts)
     for i in _steps(len(sigmas) - 1, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra)
@@ -308,7 +310,7 @@ def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     ``ε̂ = (x − D)/σ`` (see ``_ddpm_step``), and maps back with ``√(1+σ_next²)`` (not at σ_next = 0,
     where the step returns D exactly).
     """
-    extra, s_in, noise_sampler = _prepare(x, extra_args, opts)
+    sigmas, extra, s_in, noise_sampler = _prepare(x, sigmas, extra_args, opts)
     for i in _steps(len(sigmas) - 1, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra)

@@ -259,3 +259,11 @@ def test_registry_and_errors():
         S.sample("nope", GaussianDenoiser(), noise_at(1.0, 2), karras(2))
     with pytest.raises(TypeError, match="unexpected sampler options"):
         S.sample("dpmpp_2m", GaussianDenoiser(), noise_at(1.0, 2), karras(2), bogus=1)
+
+
+def test_sigmas_as_list():
+    x = noise_at(4.0, 3)
+    sig = [4.0, 2.0, 1.0, 0.0]
+    a = S.sample("heun", GaussianDenoiser(), x, sig)
+    b = S.sample("heun", GaussianDenoiser(), x, torch.tensor(sig))
+    assert torch.equal(a, b)
