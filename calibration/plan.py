@@ -116,7 +116,8 @@ def build_plan(stats, cfg: EngineConfig, sched, *, sampler: str = "euler", eta: 
         else:
             transferred = True
             if warn:
-                warnings.warn("correction statistics transferred to another setting (" + "; ".join(reasons) + "): "
+                warnings.warn("correction statistics transferred to another setting ("
+                              + ("; ".join(reasons) or "re-derivation requested") + "): "
                               "ε-space corrections are interpolated in log σ and StepbaQ/IBC latent corrections "
                               "are re-derived analytically (ALGORITHMS.md §8.4) — recalibrating on this setting is "
                               "more accurate", stacklevel=3)

@@ -240,7 +240,7 @@ class CorrectionStats:
         out.update({f"sums.{k}": v for k, v in self.sums.items()})
         if self.grid_sigmas is not None:
             out["grid_sigmas"] = self.grid_sigmas
-        return {k: v.contiguous() for k, v in out.items()}
+        return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
     def save(self, path) -> None:
         """Write a safetensors file atomically (temporary file in the same folder, then rename)."""
