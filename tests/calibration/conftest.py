@@ -2,8 +2,9 @@
 
 "FP" model: the exact denoiser of Gaussian data x0 ~ N(m_c, s_c²) (element-wise, per channel):
 ``D(x, σ) = m + s²/(s² + σ²)·(x − m)``. "Quantized" model: the same with an injected ε-error
-``ε̂ = (1 + k)·g_c·ε + μ_c + r·z(x)``, where z(x) = √2·sin(997x + 0.3) is a deterministic,
-zero-mean, unit-variance pseudo-noise (quantization error is a deterministic function of x).
+``ε̂ = (1 + k)·g_c·ε + μ_c + r·z(x)``, where z(x) = √2·sin(5x + φ) with a fixed random phase φ per
+element is a deterministic, zero-mean, unit-variance pseudo-noise with a small Jacobian
+(quantization error is a smooth deterministic function of x).
 """
 
 from types import SimpleNamespace
@@ -43,7 +44,8 @@ class InjectedError:
         eps = (x - self.fp(x, sigma)) / s
         e_hat = (1 + self.k) * self.gain.reshape(shape) * eps + self.bias.reshape(shape)
         if self.noise:
-            e_hat = e_hat + self.noise * torch.sin(x * 997.0 + 0.3) * 2**0.5
+            phase = torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(7)) * 6.2832
+            e_hat = e_hat + self.noise * torch.sin(x * 5.0 + phase) * 2**0.5
         return x - s * e_hat
 
 

@@ -17,7 +17,8 @@ def test_ptqd_recovers_bias_and_correlation(synth):
     q = synth.InjectedError(synth.fp, bias=synth.bias, k=0.05, noise=0.02)
     stats = calibrate(synth.fp, q, synth.noise(32, 0), synth.sigmas(6), engine=EngineConfig(), config=TF)
     p = ptqd_params(stats)
-    torch.testing.assert_close(p.k, torch.full_like(p.k, 0.05), atol=4e-3, rtol=0)
+    # the last row (σ ≈ 0.03) is left out: there the pseudo-noise z(x) correlates with ε
+    torch.testing.assert_close(p.k[:-1], torch.full_like(p.k[:-1], 0.05), atol=3e-3, rtol=0)
     torch.testing.assert_close(p.bias, synth.bias.double().expand_as(p.bias), atol=3e-3, rtol=0)
     torch.testing.assert_close(p.sigma_q, torch.full_like(p.sigma_q, 0.02), atol=3e-3, rtol=0)
     assert float(p.r2[0]) > 0.5 and bool(((p.r2 >= 0) & (p.r2 <= 1)).all())  # high σ: k·ε dominates the error
