@@ -1,0 +1,40 @@
+"""Helpers shared by the benchmarks: table printing and the ``--json`` convention."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from torch import nn
+
+
+def resident_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer the module keeps (shared storages counted once)."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.device) if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes() if t.numel() else 0
+    return total
+
+
+def print_table(headers: list[str], rows: list[list], out=sys.stdout) -> None:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for j, r in enumerate(cells):
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))), file=out)
+        if j == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+
+
+def emit_json(obj: dict) -> None:
+    """The last line of a ``--json`` run: one JSON object."""
+    print(json.dumps(obj, sort_keys=True))
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)

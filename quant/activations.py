@@ -1,0 +1,171 @@
+"""Activation quantizers: none, dynamic, static per-σ, with an optional bit-width schedule over σ.
+
+Activations are fake-quantized per tensor (quantize, then dequantize into the compute dtype), the
+setting of Q-Diffusion and PTQD (ALGORITHMS.md §1). Modes:
+
+* ``none``: identity (weight-only presets).
+* ``dynamic``: the range is the current tensor's min/max.
+* ``static``: ranges calibrated per σ (see ``observers``) are looked up for the σ of the call: the
+  nearest calibrated σ in log σ. Outside a σ scope (no σ published) the union of all calibrated
+  ranges is used, a documented fallback that never clips more than any calibrated step did.
+
+A bit-width schedule ``[(sigma_lo, sigma_hi, bits), …]`` overrides the default bit-width inside
+σ ranges; it is how PCR's "relaxed" steps run at 10 or 16 bits (ALGORITHMS.md §6). All lookups
+are tensor ops on the activation's device: no ``.item()``, no host sync per call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .context import QuantContext
+from .errors import QuantizationError
+from .qtypes import ACT_MAX_BITS, ACT_MIN_BITS, ACTIVATION, QType, qtype
+
+MODES = ("none", "dynamic", "static")
+_EPS = 1e-8
+
+
+def fake_quantize(
+    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor | int, symmetric: bool
+) -> torch.Tensor:
+    """Quantize ``x`` to a ``bits``-bit grid spanning ``[lo, hi]`` and dequantize it again."""
+    xf = x.float()
+    lo = lo.float()
+    hi = hi.float()
+    if symmetric:
+        qmax = 2.0 ** (bits - 1) - 1 if isinstance(bits, int) else torch.exp2(bits.float() - 1) - 1
+        scale = (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp_min(_EPS)
+        q = torch.clamp(torch.round(xf / scale), -qmax, qmax)
+        return (q * scale).to(x.dtype)
+    levels = 2.0**bits - 1 if isinstance(bits, int) else torch.exp2(bits.float()) - 1
+    lo = lo.clamp(max=0.0)
+    hi = hi.clamp(min=0.0)
+    scale = ((hi - lo) / levels).clamp_min(_EPS)
+    zero = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(xf / scale) + zero, 0, levels)
+    return ((q - zero) * scale).to(x.dtype)
+
+
+def _check_schedule(schedule: list, layer: str) -> list[tuple[float, float, int]]:
+    clean = []
+    for entry in schedule:
+        try:
+            lo, hi, bits = entry
+        except (TypeError, ValueError):
+            raise QuantizationError(
+                f"layer {layer!r}: schedule entries are (sigma_lo, sigma_hi, bits), got {entry!r}"
+            ) from None
+        if not isinstance(bits, int) or not ACT_MIN_BITS <= bits <= ACT_MAX_BITS:
+            raise QuantizationError(
+                f"layer {layer!r}: schedule bit-width {bits!r} is outside {ACT_MIN_BITS}..{ACT_MAX_BITS}"
+            )
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) or lo == -math.inf) or hi < lo:
+            raise QuantizationError(f"layer {layer!r}: bad schedule σ range ({lo}, {hi})")
+        clean.append((lo, hi, bits))
+    return clean
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation fake-quantizer; one per quantized layer input."""
+
+    def __init__(
+        self,
+        qt: QType | str | None,
+        mode: str = "dynamic",
+        context: QuantContext | None = None,
+        layer: str = "?",
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise QuantizationError(f"layer {layer!r}: unknown activation mode {mode!r}; known: {MODES}")
+        self.qtype = None if qt is None else qtype(qt)
+        if self.qtype is not None and self.qtype.kind != ACTIVATION:
+            raise QuantizationError(f"layer {layer!r}: {self.qtype.name!r} is not an activation type")
+        if mode != "none" and self.qtype is None:
+            raise QuantizationError(f"layer {layer!r}: activation mode {mode!r} needs an activation type")
+        self.mode = mode if self.qtype is not None else "none"
+        self.layer = layer
+        self.context = context
+        self.schedule: list[tuple[float, float, int]] = []
+        self.register_buffer("range_sigmas", torch.empty(0))
+        self.register_buffer("range_lo", torch.empty(0))
+        self.register_buffer("range_hi", torch.empty(0))
+        self.register_buffer("_sched", torch.empty(0, 3), persistent=False)
+
+    # configuration -------------------------------------------------------------------------
+    def set_static_ranges(self, sigmas: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Store calibrated ranges per σ and switch to static mode."""
+        if self.qtype is None:
+            raise QuantizationError(f"layer {self.layer!r}: weight-only layer has no activation quantizer")
+        sigmas, lo, hi = (torch.as_tensor(t, dtype=torch.float32).reshape(-1) for t in (sigmas, lo, hi))
+        if not (len(sigmas) == len(lo) == len(hi)) or len(sigmas) == 0:
+            raise QuantizationError(f"layer {self.layer!r}: static ranges need equal, non-empty σ/lo/hi")
+        if not all(torch.isfinite(t).all() for t in (sigmas, lo, hi)) or (sigmas <= 0).any():
+            raise QuantizationError(f"layer {self.layer!r}: static ranges must be finite with σ > 0")
+        if (hi < lo).any():
+            raise QuantizationError(f"layer {self.layer!r}: static range with hi < lo")
+        order = torch.argsort(sigmas)
+        device = self.range_lo.device
+        self.range_sigmas = sigmas[order].to(device)
+        self.range_lo = lo[order].to(device)
+        self.range_hi = hi[order].to(device)
+        self.mode = "static"
+
+    def set_schedule(self, schedule: list) -> None:
+        """Bit-width overrides by σ range; an empty list restores the default bit-width."""
+        self.schedule = _check_schedule(schedule, self.layer)
+        rows = [[lo, hi, float(b)] for lo, hi, b in self.schedule]
+        self._sched = torch.tensor(rows, dtype=torch.float32).reshape(-1, 3).to(self.range_lo.device)
+
+    # lookup --------------------------------------------------------------------------------
+    def _sigma(self) -> torch.Tensor | None:
+        sigma = None if self.context is None else self.context.sigma
+        if sigma is None:
+            return None
+        return sigma.reshape(-1)[:1].to(self.range_lo.device, torch.float32)
+
+    def current_bits(self, sigma: torch.Tensor | None) -> torch.Tensor | int:
+        bits = self.qtype.bits
+        if not self.schedule or sigma is None:
+            return bits
+        s = self._sched
+        inside = (sigma >= s[:, 0]) & (sigma <= s[:, 1])
+        # the last matching entry wins; no match → default bits
+        idx = torch.where(inside, torch.arange(len(s), device=s.device), -1).amax()
+        return torch.where(idx >= 0, s[idx.clamp_min(0), 2], torch.tensor(float(bits), device=s.device))
+
+    def static_range(self, sigma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.range_sigmas) == 0:
+            raise QuantizationError(
+                f"layer {self.layer!r}: static activation mode but no calibrated ranges; run the observer first"
+            )
+        if sigma is None:
+            return self.range_lo.amin(), self.range_hi.amax()
+        idx = (self.range_sigmas.log() - sigma.clamp_min(1e-10).log()).abs().argmin()
+        return self.range_lo[idx], self.range_hi[idx]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "none":
+            return x
+        sigma = self._sigma()
+        if self.mode == "dynamic":
+            lo, hi = torch.aminmax(x.detach())
+        else:
+            lo, hi = self.static_range(sigma)
+        return fake_quantize(x, lo, hi, self.current_bits(sigma), self.qtype.symmetric)
+
+    def describe(self) -> dict:
+        return {
+            "act": None if self.qtype is None else self.qtype.name,
+            "act_mode": self.mode,
+            "schedule": [list(e) for e in self.schedule],
+            "static_points": int(len(self.range_sigmas)),
+        }
+
+    def extra_repr(self) -> str:
+        return f"{None if self.qtype is None else self.qtype.name}, mode={self.mode}"

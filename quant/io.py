@@ -1,0 +1,148 @@
+"""Save and load quantized models as safetensors: tensors in the body, the plan in the metadata.
+
+Loading rebuilds the quantized modules of a full-precision *skeleton* of the same architecture
+(any weights: they are all replaced) from the plan, then loads every tensor. The file is read and
+checked completely (format, plan, keys, shapes, dtypes, finiteness) before the skeleton changes,
+so a bad file leaves the model untouched. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .activations import ActQuantizer
+from .context import attach_context, get_context
+from .errors import QuantFileError, QuantizationError
+from .modules import QuantConv2d, QuantLinear
+from .plan import PLAN_FORMAT, QuantPlan, _set_submodule, quantization_plan
+
+FORMAT_TAG = "qcorrect.quantized_model"
+META_FORMAT = "qcorrect.format"
+META_VERSION = "qcorrect.version"
+META_PLAN = "qcorrect.quant_plan"
+FILE_VERSION = "1"
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Write to a temporary file in the target folder, then rename: never a partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_quantized(module: nn.Module, path: str, metadata: dict[str, str] | None = None) -> None:
+    plan = quantization_plan(module)
+    if not plan["layers"]:
+        raise QuantizationError("model has no quantized layer; quantize it before saving")
+    meta = {META_FORMAT: FORMAT_TAG, META_VERSION: FILE_VERSION, META_PLAN: json.dumps(plan)}
+    meta.update(metadata or {})
+    atomic_save_safetensors(module.state_dict(), path, meta)
+
+
+def _read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    try:
+        tensors = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise QuantFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    if meta.get(META_FORMAT) != FORMAT_TAG:
+        raise QuantFileError(f"{path}: not a qcorrect quantized model (metadata {META_FORMAT!r} missing)")
+    if meta.get(META_VERSION) != FILE_VERSION:
+        raise QuantFileError(f"{path}: file version {meta.get(META_VERSION)!r}, this qcorrect reads {FILE_VERSION}")
+    try:
+        plan = json.loads(meta[META_PLAN])
+    except (KeyError, ValueError):
+        raise QuantFileError(f"{path}: the quantization plan in the metadata is missing or not JSON") from None
+    if plan.get("format") != PLAN_FORMAT or not isinstance(plan.get("layers"), dict):
+        raise QuantFileError(f"{path}: unsupported plan format {plan.get('format')!r}")
+    return tensors, plan
+
+
+def read_plan(path: str) -> dict:
+    return _read(path)[1]
+
+
+def _rebuild(name: str, layer: nn.Module, spec: dict, context) -> nn.Module:
+    act = ActQuantizer(spec["act"], spec["act_mode"], context, name)
+    if spec.get("schedule"):
+        act.set_schedule([tuple(e) for e in spec["schedule"]])
+    n = int(spec.get("static_points", 0))
+    act.range_sigmas, act.range_lo, act.range_hi = torch.ones(n), torch.zeros(n), torch.zeros(n)
+    bias = None if layer.bias is None else layer.bias
+    if spec["type"] == "linear" and type(layer) is nn.Linear:
+        return QuantLinear(layer.in_features, layer.out_features, bias, spec["weight"], act, name)
+    if spec["type"] == "conv2d" and type(layer) is nn.Conv2d:
+        if list(layer.kernel_size) != spec["kernel_size"] or layer.groups != spec["groups"]:
+            raise QuantFileError(f"layer {name!r}: conv geometry in the file differs from the model")
+        return QuantConv2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+            layer.dilation, layer.groups, bias, spec["weight"], act, name,
+        )
+    raise QuantFileError(f"layer {name!r}: file says {spec['type']}, model has {type(layer).__name__}")
+
+
+def load_quantized(module: nn.Module, path: str) -> nn.Module:
+    """Turn the full-precision skeleton ``module`` into the quantized model stored at ``path``."""
+    tensors, plan = _read(path)
+    context = get_context(module) or attach_context(module)
+    replacements = {}
+    for name, spec in plan["layers"].items():
+        try:
+            layer = module.get_submodule(name)
+        except AttributeError:
+            raise QuantFileError(f"{path}: layer {name!r} of the file does not exist in the model") from None
+        try:
+            replacements[name] = _rebuild(name, layer, spec, context)
+        except (KeyError, QuantizationError) as exc:
+            raise QuantFileError(f"{path}: cannot rebuild layer {name!r}: {exc}") from None
+    expected = {}
+    for key, t in module.state_dict().items():
+        if not any(key.startswith(n + ".") for n in replacements):
+            expected[key] = t
+    for name, new in replacements.items():
+        for key, t in new.state_dict().items():
+            expected[f"{name}.{key}"] = t
+    _check_tensors(path, tensors, expected)
+    for name, new in replacements.items():
+        _set_submodule(module, name, new)
+    module.load_state_dict(tensors, strict=True)
+    if plan.get("plan"):
+        module.__dict__["qcorrect_quant_plan"] = QuantPlan.from_json(json.dumps(plan["plan"]))
+    return module
+
+
+def _check_tensors(path: str, tensors: dict, expected: dict) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise QuantFileError(
+            f"{path}: tensors do not fit the model (missing {missing[:5]}, unexpected {extra[:5]}); "
+            "is this file for another architecture?"
+        )
+    for key, want in expected.items():
+        got = tensors[key]
+        if got.shape != want.shape:
+            raise QuantFileError(f"{path}: tensor {key!r} has shape {tuple(got.shape)}, model needs {tuple(want.shape)}")
+        if got.dtype != want.dtype and not (got.is_floating_point() and want.is_floating_point()
+                                             and not key.endswith((".scale", ".zero"))):
+            raise QuantFileError(f"{path}: tensor {key!r} has dtype {got.dtype}, expected {want.dtype}")
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            raise QuantFileError(f"{path}: tensor {key!r} contains NaN or inf")

@@ -1,0 +1,195 @@
+"""Quantization plans and presets, and ``quantize_model`` / ``quantization_plan``.
+
+A :class:`QuantPlan` says which Linear/Conv2d layers to quantize and how (weight type, activation
+type and mode), with fnmatch include/exclude patterns on the layers' qualified names. Presets are
+named plans (``W8A8``, ``W4A8``, ``W4A4``, ``W8A16``, ``W4A16``) whose names go into file metadata.
+
+The default plan keeps the first and last convolution and the time/class-embedding layers in
+16-bit, as PTQD and PCR do (ALGORITHMS.md §1–§2): they are tiny and their error is amplified by
+everything downstream. "First"/"last" are found by registration order, which is the data-flow
+order in SD-style UNets (``input_blocks.0.0`` / ``out.2`` in ComfyUI's, ``conv_in`` / ``conv_out``
+in the reference model).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, replace
+
+from torch import nn
+
+from .activations import MODES, ActQuantizer
+from .context import attach_context, get_context
+from .errors import QuantizationError
+from .modules import QUANT_LAYERS, QuantConv2d, QuantLinear
+from .qtypes import ACTIVATION, qtype, weight_qtype
+
+PLAN_FORMAT = 1
+
+#: names of the layers that carry the time (and class) embedding in common UNets
+TIME_EMBED_PATTERNS = (
+    "time_embed.*", "*.time_embed.*", "time_embedding.*", "*.time_embedding.*",
+    "label_emb.*", "*.label_emb.*", "time_proj*", "*.time_proj*",
+)
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """What to quantize and how. Serialisable with :meth:`to_json` / :meth:`from_json`."""
+
+    weights: str = "int8"
+    activations: str | None = "a8_asym"
+    act_mode: str = "dynamic"
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    keep_first_last_conv: bool = True
+    keep_patterns: tuple[str, ...] = TIME_EMBED_PATTERNS
+    preset: str | None = None
+
+    def validate(self) -> "QuantPlan":
+        weight_qtype(self.weights)
+        if self.activations is not None and qtype(self.activations).kind != ACTIVATION:
+            raise QuantizationError(f"{self.activations!r} is not an activation type")
+        if self.act_mode not in MODES:
+            raise QuantizationError(f"unknown activation mode {self.act_mode!r}; known: {MODES}")
+        if self.activations is None and self.act_mode != "none":
+            raise QuantizationError(f"activation mode {self.act_mode!r} needs an activation type")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantPlan":
+        try:
+            d = json.loads(text)
+            d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+            return cls(**d).validate()
+        except (TypeError, ValueError) as exc:
+            raise QuantizationError(f"not a valid quantization plan: {exc}") from None
+
+
+PRESETS: dict[str, QuantPlan] = {
+    "W8A8": QuantPlan("int8", "a8_asym", "dynamic", preset="W8A8"),
+    "W4A8": QuantPlan("uint4_g64", "a8_asym", "dynamic", preset="W4A8"),
+    "W4A4": QuantPlan("uint4_g64", "a4_asym", "dynamic", preset="W4A4"),
+    "W8A16": QuantPlan("int8", None, "none", preset="W8A16"),
+    "W4A16": QuantPlan("uint4_g64", None, "none", preset="W4A16"),
+}
+
+
+def preset(name: str, **overrides) -> QuantPlan:
+    """A named preset, optionally with fields overridden (e.g. ``act_mode="static"``)."""
+    try:
+        plan = PRESETS[name]
+    except KeyError:
+        raise QuantizationError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+    return replace(plan, **overrides).validate() if overrides else plan
+
+
+def _as_plan(plan: QuantPlan | str | None) -> QuantPlan:
+    if plan is None:
+        return PRESETS["W8A8"]
+    if isinstance(plan, str):
+        return preset(plan)
+    return plan.validate()
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def resolve_plan(module: nn.Module, plan: QuantPlan | str | None = None) -> dict[str, dict]:
+    """Per-layer decisions: ``{name: {"type", "weight", "act", "act_mode"}}``; kept layers get ``weight=None``."""
+    plan = _as_plan(plan)
+    layers = [(n, m) for n, m in module.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    convs = [n for n, m in layers if isinstance(m, nn.Conv2d)]
+    edge = {convs[0], convs[-1]} if plan.keep_first_last_conv and convs else set()
+    decisions = {}
+    for name, m in layers:
+        if not _matches(name, plan.include) or _matches(name, plan.exclude):
+            continue
+        kept = name in edge or _matches(name, plan.keep_patterns)
+        decisions[name] = {
+            "type": "linear" if isinstance(m, nn.Linear) else "conv2d",
+            "weight": None if kept else plan.weights,
+            "act": None if kept else plan.activations,
+            "act_mode": "none" if kept else plan.act_mode,
+        }
+    return decisions
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def quantize_model(module: nn.Module, plan: QuantPlan | str | None = None) -> nn.Module:
+    """Replace the planned Linear/Conv2d layers of ``module`` by quantized ones, in place.
+
+    Every replacement is built (and every error found) before the first layer is swapped, so a
+    failure leaves the model exactly as it was. Returns ``module``.
+    """
+    plan = _as_plan(plan)
+    if any(isinstance(m, QUANT_LAYERS) for m in module.modules()):
+        raise QuantizationError("model is already quantized; quantize the full-precision model instead")
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise QuantizationError("quantize_model needs a container module (e.g. a UNet), not a single layer")
+    decisions = resolve_plan(module, plan)
+    if not any(d["weight"] for d in decisions.values()):
+        raise QuantizationError("the plan selects no layer to quantize (check include/exclude patterns)")
+    context = get_context(module) or attach_context(module)
+    replacements = {}
+    for name, d in decisions.items():
+        if d["weight"] is None:
+            continue
+        layer = module.get_submodule(name)
+        # static layers refuse to run until an observer has stored their per-σ ranges
+        act = ActQuantizer(d["act"], d["act_mode"], context, name)
+        cls = QuantLinear if d["type"] == "linear" else QuantConv2d
+        replacements[name] = cls.from_float(layer, d["weight"], act, name)
+    for name, new in replacements.items():
+        _set_submodule(module, name, new)
+    module.__dict__["qcorrect_quant_plan"] = plan
+    return module
+
+
+def quantization_plan(module: nn.Module) -> dict:
+    """The JSON-able per-layer plan of a quantized module (what ``load_quantized`` rebuilds from)."""
+    layers = {name: m.describe() for name, m in module.named_modules() if isinstance(m, QUANT_LAYERS)}
+    plan = module.__dict__.get("qcorrect_quant_plan")
+    return {
+        "format": PLAN_FORMAT,
+        "preset": None if plan is None else plan.preset,
+        "plan": None if plan is None else json.loads(plan.to_json()),
+        "layers": layers,
+    }
+
+
+def quantized_layers(module: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, QUANT_LAYERS)}
+
+
+def set_activation_schedule(module: nn.Module, schedule: list, patterns: tuple[str, ...] = ("*",)) -> int:
+    """Give matching quantized layers a bit-width schedule over σ; returns how many changed.
+
+    All schedules are validated before any layer changes (never a half-relaxed model).
+    """
+    targets = [
+        m for n, m in quantized_layers(module).items() if m.act.qtype is not None and _matches(n, patterns)
+    ]
+    if not targets:
+        raise QuantizationError("no quantized layer with an activation quantizer matches the patterns")
+    probe = ActQuantizer(targets[0].act.qtype, "dynamic", layer="schedule")
+    probe.set_schedule(schedule)  # raises on bad input before anything changes
+    for m in targets:
+        m.act.set_schedule(schedule)
+    return len(targets)
+
+
+__all__ = [
+    "PRESETS", "QuantPlan", "preset", "quantize_model", "quantization_plan", "quantized_layers",
+    "resolve_plan", "set_activation_schedule", "TIME_EMBED_PATTERNS",
+]

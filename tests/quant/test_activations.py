@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from qcorrect.quant import ActQuantizer, QuantContext, QuantizationError, fake_quantize, sigma_scope
+
+
+def test_fake_quantize_grid_and_error():
+    x = torch.linspace(-1, 1, 1001)
+    for bits in (4, 8, 12):
+        for sym in (True, False):
+            y = fake_quantize(x, x.min(), x.max(), bits, sym)
+            levels = 2**bits - (2 if sym else 1)
+            assert len(torch.unique(y)) <= levels + 1
+            assert (y - x).abs().max() <= (2.0 / levels) / 2 + 1e-6
+
+
+def test_fake_quantize_tensor_bits_equal_int_bits():
+    x = torch.randn(100)
+    lo, hi = x.min(), x.max()
+    for bits in (4, 10, 16):
+        for sym in (True, False):
+            assert torch.equal(fake_quantize(x, lo, hi, bits, sym), fake_quantize(x, lo, hi, torch.tensor(float(bits)), sym))
+
+
+def test_fake_quantize_keeps_dtype():
+    x = torch.randn(10).half()
+    assert fake_quantize(x, x.min(), x.max(), 8, False).dtype == torch.float16
+
+
+def test_dynamic_and_none():
+    x = torch.randn(4, 16)
+    assert torch.equal(ActQuantizer(None, "none")(x), x)
+    y = ActQuantizer("a4_asym", "dynamic")(x)
+    assert not torch.equal(y, x) and len(torch.unique(y)) <= 16
+
+
+def test_static_ranges_picked_at_nearest_sigma():
+    ctx = QuantContext()
+    q = ActQuantizer("a8", "static", ctx, "l")
+    q.set_static_ranges(torch.tensor([10.0, 1.0, 0.1]), torch.tensor([-10.0, -1.0, -0.1]), torch.tensor([10.0, 1.0, 0.1]))
+    x = torch.linspace(-20, 20, 401)
+    for sigma, amax in [(0.1, 0.1), (0.12, 0.1), (0.9, 1.0), (3.1, 1.0), (3.2, 10.0), (50.0, 10.0)]:
+        ctx.sigma = torch.tensor([sigma, sigma])
+        y = q(x)
+        assert y.abs().max() == pytest.approx(amax, rel=1e-6), sigma  # nearest in log σ (1↔10 split at 3.16)
+    ctx.sigma = None  # outside a σ scope: the union of the ranges
+    assert q(x).abs().max() == pytest.approx(10.0)
+
+
+def test_static_without_ranges_fails_clearly():
+    q = ActQuantizer("a8", "static", QuantContext(), "down.1")
+    with pytest.raises(QuantizationError, match="'down.1'.*no calibrated ranges"):
+        q(torch.randn(3))
+
+
+def test_bit_schedule_switches_by_sigma():
+    ctx = QuantContext()
+    q = ActQuantizer("a8", "dynamic", ctx, "l")
+    q.set_schedule([(0.0, 1.0, 16), (5.0, 20.0, 4)])
+    x = torch.randn(10000, generator=torch.Generator().manual_seed(0))
+    def n_levels(sigma):
+        ctx.sigma = None if sigma is None else torch.tensor([sigma])
+        return len(torch.unique(q(x)))
+    assert n_levels(10.0) <= 15          # 4-bit inside (5, 20)
+    assert 15 < n_levels(2.0) <= 255     # default 8-bit between the ranges
+    assert n_levels(0.5) > 1000          # 16-bit near x0
+    assert 15 < n_levels(None) <= 255    # no σ: default bits
+    q.set_schedule([])
+    assert n_levels(0.5) <= 255
+
+
+@pytest.mark.parametrize("bad", [[(0, 1, 3)], [(0, 1, 17)], [(2.0, 1.0, 8)], [(0, 1)], ["x"]])
+def test_bad_schedules(bad):
+    with pytest.raises(QuantizationError):
+        ActQuantizer("a8", "dynamic").set_schedule(bad)
+
+
+def test_sigma_scope_restores_and_is_per_model():
+    from qcorrect.quant.context import attach_context
+    a, b = torch.nn.Module(), torch.nn.Module()
+    ca, cb = attach_context(a), attach_context(b)
+    with sigma_scope(a, 2.0):
+        assert float(ca.sigma) == 2.0 and cb.sigma is None
+        with sigma_scope(a, torch.tensor([0.5])):
+            assert float(ca.sigma) == 0.5
+        assert float(ca.sigma) == 2.0
+    assert ca.sigma is None
+
+
+def test_bad_modes_and_types():
+    with pytest.raises(QuantizationError, match="unknown activation mode"):
+        ActQuantizer("a8", "sometimes")
+    with pytest.raises(QuantizationError, match="not an activation type"):
+        ActQuantizer("int8", "dynamic")
+    with pytest.raises(QuantizationError, match="needs an activation type"):
+        ActQuantizer(None, "dynamic")
