@@ -19,6 +19,15 @@ StepbaQ's stepback for σ_{n+1} is decided on the error left with the output cor
 StepbaQ follows Algorithm 1 with ACC: trajectories are synchronised only after a stepback (LA
 and TIA then apply to both, as in the paper); with ``acc=False`` the quantized latent is reset to
 the FP one after every step without a stepback (the paper's "ACC off" ablation).
+
+Rows are keyed by the schedule's σ_n, the σ the sampler passes and the engine looks up. When
+StepbaQ's TIA is on, the models of step n are called at σ_τ,n, so that row's ε statistics are
+measured at σ_τ,n: exactly the condition under which the engine applies them.
+
+Cost: progressive mode evaluates Q(x̂) and FP(x̂) (plus FP(x) for the FP trajectory when a latent
+correction is calibrated, shared with FP(x̂) while both trajectories coincide); teacher-forced mode
+evaluates FP(x) and Q(x) (plus Q(x̂) with a latent correction): at most 1.5× sampling the set with
+both models.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ from .config import EngineConfig, sampler_kind
 from .errors import IncompatibleStatsError
 from .plan import RunPlan, build_plan
 from .ptqd import vsc_ancestral_step
+from .stats import PREDICTIONS
 from .stepbaq import euler_equivalent_denoised
 
 
@@ -167,7 +168,11 @@ class CorrectionEngine:
 
     def __init__(self, stats, config: EngineConfig | None = None, *, fingerprint: str | None = None,
                  prediction: str | None = None):
+        stats.validate()
         stats.check_compatible(fingerprint=fingerprint, prediction=prediction)
+        if stats.meta.prediction not in PREDICTIONS:
+            raise IncompatibleStatsError(f"prediction type {stats.meta.prediction!r} is not supported by the engine "
+                                         f"yet (supported: {PREDICTIONS})")
         self.stats = stats
         self.config = config or EngineConfig()
         self.last_plan = None

@@ -99,8 +99,13 @@ def build_plan(stats, cfg: EngineConfig, sched, *, sampler: str = "euler", eta: 
 
     sigma_tau = lat_shift = None
     transferred = False
+    reasons = _transfer_reasons(stats, cfg, sched_h, sampler, eta)
+    if cfg.latent_method == "none" and reasons and reasons[0].startswith("schedule") and exact is not True:
+        transferred = True
+        if warn:
+            warnings.warn(f"correction statistics transferred to another setting ({reasons[0]}): ε-space "
+                          "corrections are interpolated in log σ (ALGORITHMS.md §8.4)", stacklevel=3)
     if cfg.latent_method != "none" and n_steps > 0:
-        reasons = _transfer_reasons(stats, cfg, sched_h, sampler, eta)
         if exact is None:
             exact = not reasons
         ancestral_eta = eta if kind == "ancestral" else None

@@ -224,3 +224,27 @@ def test_wrapped_model_is_transparent_to_attributes(synth):
     CorrectionEngine(stats, cfg).sample(sampler, synth.q.fp, torch.randn(1, 4, 8, 8) * 14.6, synth.sigmas(6),
                                         sampler_name="euler")
     assert torch.equal(seen["var"], synth.fp.var)
+
+
+def test_output_only_transfer_warns_too(synth):
+    stats, cfg = _cal(synth, "ptqd", steps=6, n=8)
+    sig = synth.sigmas(9)
+    x0 = synth.noise(8, SEED_TEST) * sig[0]
+    out, msgs = _quiet(CorrectionEngine(stats, cfg).sample, SAMPLERS["euler"], synth.q, x0, sig)
+    assert any("interpolated in log σ" in m for m in msgs)
+    ref, naive = SAMPLERS["euler"](synth.fp, x0, sig), SAMPLERS["euler"](synth.q, x0, sig)
+    assert _mse(out, ref) < 0.5 * _mse(naive, ref)
+
+
+def test_engine_refuses_non_finite_or_unsupported_stats(synth):
+    from qcorrect.calibration import CorrectionStats, StatsFileError
+
+    stats, cfg = _cal(synth, "ptqd", steps=6, n=8)
+    bad = CorrectionStats(stats.sigma, stats.sigma_next, {**stats.sums, "eps_cross": stats.sums["eps_cross"] * float("nan")},
+                          stats.meta)
+    with pytest.raises(StatsFileError, match="NaN"):
+        CorrectionEngine(bad, cfg)
+    import dataclasses
+    flow = CorrectionStats(stats.sigma, stats.sigma_next, stats.sums, dataclasses.replace(stats.meta, prediction="const"))
+    with pytest.raises(IncompatibleStatsError, match="not supported"):
+        CorrectionEngine(flow, cfg)
