@@ -158,7 +158,7 @@ def _transfer_reasons(stats, cfg: EngineConfig, sched_h: torch.Tensor, sampler: 
         reasons.append(f"schedule of {sched_h.numel() - 1} steps differs from the calibrated "
                        f"{m.scheduler or '?'} schedule of {stats.rows} steps")
     if canonical_sampler(sampler) != canonical_sampler(m.sampler):
-        reasons.append(f"sampler {sampler!r} instead of the calibrated {m.sampler!r}")
+        reasons.append(f"sampler {canonical_sampler(sampler)!r} instead of the calibrated {m.sampler!r}")
     elif sampler_kind(sampler) == "ancestral" and abs(float(m.eta) - float(eta)) > 1e-9:
         reasons.append(f"η = {eta} instead of the calibrated {m.eta}")
     if m.latent_method != cfg.latent_method:
