@@ -61,6 +61,8 @@ class EngineConfig:
             raise ValueError(f"pick one output correction (ALGORITHMS.md §8.2), got {outs}")
         if self.stepbaq_la and self.tac_ibc:
             raise ValueError("pick one latent-mean correction: StepbaQ LA or TAC IBC (ALGORITHMS.md §8.2)")
+        if self.ptqd_vsc and (self.stepbaq_la or self.stepbaq_tia or self.stepbaq_ssa):
+            raise ValueError("pick one variance handling: StepbaQ's stepback or PTQD VSC (ALGORITHMS.md §8.2)")
         if self.tcec_window and not self.tcec:
             raise ValueError("tcec_window needs tcec")
         if self.out_of_range not in ("clamp", "identity"):

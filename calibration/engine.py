@@ -201,6 +201,10 @@ class CorrectionEngine:
                           "the output correction is applied", stacklevel=2)
         if cfg.ptqd_vsc and kind != "ancestral":
             warnings.warn(f"PTQD VSC needs an ancestral sampler; ignored for {name!r}", stacklevel=2)
+        run_cfg = (extra_args or {}).get("cfg_scale")
+        if isinstance(run_cfg, (int, float)) and abs(float(run_cfg) - float(self.stats.meta.cfg)) > 1e-6:
+            warnings.warn(f"statistics were calibrated at cfg {self.stats.meta.cfg} but sampling uses cfg {run_cfg}; "
+                          "the post-CFG error differs — calibrate at the cfg you sample with", stacklevel=2)
         corrector = StepCorrector(plan, cfg)
         denoiser = CorrectedDenoiser(model, corrector, count_steps=corrector.step_ok)
         if cfg.ptqd_vsc and kind == "ancestral":

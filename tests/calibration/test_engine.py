@@ -179,6 +179,16 @@ def test_pick_one_rules_are_enforced():
         EngineConfig(ptqd_bc=True, tac_ner=True)
     with pytest.raises(ValueError, match="latent-mean"):
         EngineConfig(stepbaq_la=True, tac_ibc=True)
+    with pytest.raises(ValueError, match="variance handling"):
+        EngineConfig(ptqd_bc=True, ptqd_vsc=True, stepbaq_tia=True)
+
+
+def test_cfg_mismatch_warns(synth):
+    stats, cfg = _cal(synth, "ptqd", steps=6, n=8)
+    sig = synth.sigmas(6)
+    _, msgs = _quiet(CorrectionEngine(stats, cfg).sample, SAMPLERS["euler"], synth.q,
+                     synth.noise(2, SEED_TEST) * sig[0], sig, {"cfg_scale": 5.0})
+    assert any("cfg 5.0" in m for m in msgs)
 
 
 def test_per_step_work_has_no_host_sync(synth, monkeypatch):
