@@ -191,10 +191,12 @@ def test_cfg_mismatch_warns(synth):
     assert any("cfg 5.0" in m for m in msgs)
 
 
-def test_per_step_work_has_no_host_sync(synth, monkeypatch):
-    stats, cfg = _cal(synth, "ptqd_stepbaq", steps=6, n=8)
+@pytest.mark.parametrize("preset,sampler,kw", [("ptqd_stepbaq", "euler", {}), ("ptqd_vsc", "euler_ancestral", {}),
+                                                ("tcec", "dpmpp_2m", {"tcec_window": True}), ("tac", "euler", {})])
+def test_per_step_work_has_no_host_sync(synth, monkeypatch, preset, sampler, kw):
+    stats, cfg = _cal(synth, preset, sampler=sampler, steps=6, n=8, **kw)
     sig = synth.sigmas(6)
-    corr = StepCorrector(build_plan(stats, cfg, sig), cfg)
+    corr = StepCorrector(build_plan(stats, cfg, sig, sampler=sampler), cfg)
     x = synth.noise(2, SEED_TEST) * sig[0]
     outs = []
 
