@@ -1,4 +1,4 @@
-"""The ``qcorrect`` command: ``qcorrect bench memory`` and, as issues land, more subcommands."""
+"""The ``qcorrect`` command: ``demo`` (the main job on the reference model) and ``bench ...``."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmarks that print a table (--json: one JSON object last)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from .bench import memory
+    from .bench import demo, memory, quality
 
     memory.add_parser(bench_sub)
+    quality.add_parser(bench_sub)
+    demo.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
