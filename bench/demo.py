@@ -25,7 +25,7 @@ def main(args) -> int:
               log=lambda *_: None, keep_images=True)
     images = res.pop("images")
     print_result(res)
-    rows = [images[(args.sampler, c)][:10] for c in ["FP", *presets]]
+    rows = [images[(args.sampler, "FP")][:10]] + [images[(args.sampler, c, "none")][:10] for c in presets]
     path = os.path.abspath(args.out)
     write_png(path, grid(rows))
     print(f"image grid (rows: FP | W8A8 | W4A8; columns: classes 0-9) written to {path}")

@@ -1,0 +1,106 @@
+"""Correction methods as the benchmarks name them, calibration on held-out seeds, corrected samplers.
+
+A *method* is an engine configuration plus the calibration's ACC switch. Single methods are the
+engine presets; combinations follow ALGORITHMS.md §8.2 (one output correction, at most one latent
+correction, StepbaQ or VSC for the variance); the ``stepbaq_*`` entries are the cumulative ablation
+of StepbaQ's Table 2 (none → +TIA → +LA → +SSA → +ACC, ACC off until the last).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..calibration import CalibrationConfig, CorrectionEngine, CorrectionStats, EngineConfig, calibrate, model_fingerprint
+from ..calibration.collect import COLLECTOR_SAMPLERS
+from ..reference.samplers import SAMPLERS
+from ..reference.schedules import get_sigmas
+from .pipeline import RunConfig, initial_noise, labels_for
+
+_SBQ = dict(stepbaq_tia=True, stepbaq_la=True, stepbaq_ssa=True)
+_PTQD = dict(ptqd_cnc=True, ptqd_bc=True)
+
+METHODS: dict[str, tuple[dict, bool]] = {
+    "none": ({}, True),
+    "ptqd": (_PTQD, True),
+    "ptqd_vsc": ({**_PTQD, "ptqd_vsc": True}, True),
+    "tac_ner": (dict(tac_ner=True), True),
+    "tac": (dict(tac_ner=True, tac_ibc=True), True),
+    "tcec": (dict(tcec=True), True),
+    "stepbaq": (_SBQ, True),
+    "ptqd_ibc": ({**_PTQD, "tac_ibc": True}, True),
+    "ptqd_stepbaq": ({**_PTQD, **_SBQ}, True),
+    "tac_ner_stepbaq": ({"tac_ner": True, **_SBQ}, True),
+    "tcec_stepbaq": ({"tcec": True, **_SBQ}, True),
+    # StepbaQ ablation (Table 2 of the paper), cumulative
+    "stepbaq_tia": (dict(stepbaq_tia=True), False),
+    "stepbaq_tia_la": (dict(stepbaq_tia=True, stepbaq_la=True), False),
+    "stepbaq_tia_la_ssa": (_SBQ, False),
+}
+ALONE = ["ptqd", "tac_ner", "tac", "tcec", "stepbaq"]
+COMBOS = ["ptqd_ibc", "ptqd_stepbaq", "tac_ner_stepbaq", "tcec_stepbaq"]
+ABLATION = ["none", "stepbaq_tia", "stepbaq_tia_la", "stepbaq_tia_la_ssa", "stepbaq"]
+BEST = "ptqd_stepbaq"
+
+
+def expand_methods(text: str, samplers: list[str]) -> list[str]:
+    """``all`` = naive + every method alone + combinations (+ VSC for ancestral samplers);
+    ``ablation`` = StepbaQ's cumulative ablation; otherwise a comma-separated list."""
+    if text == "all":
+        vsc = ["ptqd_vsc"] if any(s in ("euler_ancestral", "ddpm") for s in samplers) else []
+        return ["none", *ALONE, *vsc, *COMBOS]
+    if text == "ablation":
+        return list(ABLATION)
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}, all, ablation")
+    return names
+
+
+def engine_config(method: str) -> EngineConfig:
+    return EngineConfig(**METHODS[method][0])
+
+
+def calibrate_method(ref, qden, method: str, rc: RunConfig, seeds: list[int], classes: list[int],
+                     quantization: str, mode: str = "progressive") -> tuple[CorrectionStats, float]:
+    """Calibrate ``method`` for the quantized denoiser on the given (held-out) seeds; returns (stats, seconds)."""
+    if rc.sampler not in COLLECTOR_SAMPLERS and rc.sampler != "ddim":
+        raise SystemExit(f"calibration steps {COLLECTOR_SAMPLERS} only; got sampler {rc.sampler!r}")
+    kwargs, acc = METHODS[method]
+    sigmas = get_sigmas(rc.scheduler, ref.denoiser.sigmas, rc.steps)
+    labels = labels_for(seeds, classes)
+    noise = initial_noise(seeds, (4, 14, 14))
+    t0 = time.perf_counter()
+    stats = calibrate(
+        ref.denoiser, qden, noise, sigmas, {"cond": labels, "cfg_scale": rc.cfg},
+        engine=EngineConfig(**kwargs),
+        config=CalibrationConfig(mode=mode, sampler="euler" if rc.sampler == "ddim" else rc.sampler,
+                                 acc=acc, batch_size=rc.batch_size),
+        grid_sigmas=ref.denoiser.sigmas,
+        meta={"model_fingerprint": model_fingerprint(ref.denoiser.unet), "quantization": quantization,
+              "scheduler": rc.scheduler},
+    )
+    return stats, time.perf_counter() - t0
+
+
+def corrected_sampler(stats: CorrectionStats, method: str, sampler: str):
+    engine = CorrectionEngine(stats, engine_config(method))
+    return engine.wrap(SAMPLERS[sampler], sampler_name=sampler)
+
+
+def check_disjoint(calib_seeds: list[int], eval_seeds: list[int]) -> None:
+    overlap = sorted(set(calib_seeds) & set(eval_seeds))
+    if overlap:
+        raise SystemExit(f"calibration and evaluation seeds overlap ({overlap[:5]}...): never tune on evaluation seeds")
+
+
+@torch.no_grad()
+def plain_cost(ref, qden, rc: RunConfig, seeds, classes, sample_latents) -> float:
+    """Seconds to sample the calibration set with the FP and the quantized model (plain sampler)."""
+    labels = labels_for(seeds, classes)
+    t0 = time.perf_counter()
+    sample_latents(ref.denoiser, rc, seeds, labels, ref.denoiser.sigmas)
+    sample_latents(qden, rc, seeds, labels, ref.denoiser.sigmas)
+    return time.perf_counter() - t0
