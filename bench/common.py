@@ -38,3 +38,14 @@ def emit_json(obj: dict) -> None:
 def set_threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(n)
+
+
+def parse_presets(text: str) -> list[str]:
+    """``"all"`` or a comma-separated list of quantization presets, checked against the registry."""
+    from ..quant import PRESETS
+
+    presets = list(PRESETS) if text == "all" else [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown or not presets:
+        raise SystemExit(f"unknown preset(s) {unknown or text!r}; known: {', '.join(PRESETS)}")
+    return presets

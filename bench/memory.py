@@ -14,7 +14,7 @@ import time
 import torch
 
 from ..quant import PRESETS, quantize_model, quantized_layers
-from .common import emit_json, print_table, resident_bytes, set_threads
+from .common import emit_json, parse_presets, print_table, resident_bytes, set_threads
 from .sd_unet import build_sd15_unet
 
 TARGETS = {8: 0.52, 4: 0.30}
@@ -49,10 +49,7 @@ def run(presets: list[str], seed: int = 0) -> dict:
 
 def main(args) -> int:
     set_threads(args.threads)
-    presets = list(PRESETS) if args.presets == "all" else args.presets.split(",")
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        raise SystemExit(f"unknown preset(s) {unknown}; known: {', '.join(PRESETS)}")
+    presets = parse_presets(args.presets)
     res = run(presets, seed=args.seed)
     mib = 2**20
     rows = [["fp16", "-", f"{res['fp16_bytes'] / mib:.1f}", "1.000", "-", "-"]]

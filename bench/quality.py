@@ -20,7 +20,7 @@ from ..calibration import CorrectionStats
 from ..evaluation import paired_bootstrap_ci
 from ..quant import PRESETS
 from ..reference.model import load_reference
-from .common import emit_json, print_table, set_threads
+from .common import emit_json, parse_presets, print_table, set_threads
 from .correct import calibrate_method, check_disjoint, corrected_sampler, expand_methods
 from .pipeline import (
     RunConfig, decode, labels_for, parse_int_list, per_sample_metrics, quantized_denoiser, sample_latents, summary,
@@ -127,10 +127,7 @@ def print_result(res: dict) -> None:
 
 def main(args) -> int:
     set_threads(args.threads)
-    presets = list(PRESETS) if args.preset == "all" else args.preset.split(",")
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        raise SystemExit(f"unknown preset(s) {unknown}; known: {', '.join(PRESETS)}")
+    presets = parse_presets(args.preset)
     samplers = args.sampler.split(",")
     methods = expand_methods(args.methods, samplers)
     calib_seeds = None if args.stats else parse_int_list(args.calib_seeds)
