@@ -1,0 +1,27 @@
+import pytest
+
+from qcorrect.bench.correct import ABLATION, ALONE, COMBOS, METHODS, check_disjoint, engine_config, expand_methods
+
+
+def test_every_method_is_a_valid_engine_configuration():
+    for name in METHODS:
+        cfg = engine_config(name)
+        assert cfg.any_enabled == (name != "none")
+
+
+def test_all_and_ablation_expansions():
+    assert expand_methods("all", ["euler"]) == ["none", *ALONE, *COMBOS]
+    assert "ptqd_vsc" in expand_methods("all", ["euler", "euler_ancestral"])
+    assert expand_methods("ablation", ["euler"]) == ABLATION
+    # the ablation is cumulative: each entry switches on a superset of the previous one's components
+    comps = [set(engine_config(m).methods()) for m in ABLATION[:-1]]
+    assert all(a < b for a, b in zip(comps, comps[1:]))
+    assert METHODS["stepbaq_tia_la_ssa"][1] is False and METHODS["stepbaq"][1] is True  # +ACC last
+    with pytest.raises(SystemExit, match="unknown method"):
+        expand_methods("ptqd,magic", ["euler"])
+
+
+def test_calibration_and_evaluation_seeds_must_be_disjoint():
+    check_disjoint(list(range(10)), list(range(10, 20)))
+    with pytest.raises(SystemExit, match="overlap"):
+        check_disjoint(list(range(10)), list(range(5, 20)))
