@@ -142,7 +142,7 @@ def train_autoencoder(out_dir: Path, steps: int = 1200, batch: int = 128, minute
 # ---------------------------------------------------------------- UNet
 # ch and ch_low are multiples of 64 so that every quantized layer's input size (in·kh·kw) is divisible
 # by the int4 group size 64 of the W4 presets (quant/weights.py); 48 would make them refuse.
-UNET_CONFIG = {"ch": 48, "ch_low": 96, "context_tokens": 4, "context_dim": 64, "heads": 4}
+UNET_CONFIG = {"ch": 64, "ch_low": 128, "context_tokens": 4, "context_dim": 64, "heads": 4}
 UNET_STEPS = 2400
 UNET_BATCH = 64
 UNET_LR = 1.5e-3
@@ -225,6 +225,67 @@ def train_unet(out_dir: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH, 
             break
     path = save_weights(ema, out_dir, "unet", UNET_CONFIG, {"steps": step + 1})
     _log(f"unet done in {time.time() - t0:.0f}s; wrote {path}")
+    return ema
+
+
+UNET_FINETUNE_STEPS = 1500
+UNET_FINETUNE_LR = 5e-4
+
+
+def finetune_unet(out_dir: Path, steps: int = UNET_FINETUNE_STEPS, batch: int = UNET_BATCH,
+                  minutes: float | None = None, save_every: int = 500):
+    """Second cosine cycle at a lower peak LR, starting from the shipped (fp16) EMA weights.
+
+    Why: on two shared CPU cores one long run is fragile (an interrupted cosine schedule ends at a
+    high LR), so training is split in two deterministic stages that each end annealed; the
+    second stage re-reads the stage-1 file, so rerunning either stage alone reproduces it.
+    """
+    from .model import _load_module
+    from .sigmas import scaled_linear_sigmas
+    from .unet import NULL_CLASS, UNet
+
+    torch.manual_seed(10)
+    _, labels = load_mnist("train")
+    images, _ = load_mnist("train")
+    latents = encode_dataset(_load_trained_autoencoder(out_dir), images)
+    del images
+    unet, meta = _load_module(UNet, out_dir / "unet.safetensors", "cpu", torch.float32)
+    unet.train().requires_grad_(True)
+    start_steps = int(meta.get("qcorrect.reference.steps", 0))
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=UNET_FINETUNE_LR, weight_decay=0.01)
+    sigmas, gen = scaled_linear_sigmas(), torch.Generator().manual_seed(12)
+    batches, t0, running = _Batches(len(latents), batch, seed=13), time.time(), 0.0
+    _log(f"unet finetune: from {start_steps} steps, {steps} more")
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _cosine_lr(step, steps, UNET_FINETUNE_LR, warmup=100)
+        idx = batches.next()
+        x0, y = latents[idx], labels[idx].clone()
+        y[torch.rand(batch, generator=gen) < LABEL_DROPOUT] = NULL_CLASS
+        t = torch.randint(0, len(sigmas), (batch,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        sigma = sigmas[t].reshape(-1, 1, 1, 1)
+        x_in = (x0 + sigma * eps) / (sigma**2 + 1.0).sqrt()
+        loss = F.mse_loss(unet(x_in, t.float(), y), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1.0 - UNET_EMA)
+        running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            _log(f"unet finetune step {step}/{steps} loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                 f"{time.time() - t0:.0f}s")
+        if (step + 1) % save_every == 0:
+            save_weights(ema, out_dir, "unet", UNET_CONFIG, {"steps": start_steps + step + 1})
+        if minutes is not None and time.time() - t0 > 60 * minutes:
+            _log(f"unet finetune: time cap reached at step {step}")
+            break
+    path = save_weights(ema, out_dir, "unet", UNET_CONFIG, {"steps": start_steps + step + 1})
+    _log(f"unet finetune done in {time.time() - t0:.0f}s; wrote {path}")
     return ema
 
 
