@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -244,21 +243,11 @@ class CorrectionStats:
 
     def save(self, path) -> None:
         """Write a safetensors file atomically (temporary file in the same folder, then rename)."""
-        from safetensors.torch import save_file
+        from ..quant.io import atomic_save_safetensors
 
         self.validate()
         meta = dataclasses.replace(self.meta, pack_version=self.meta.pack_version or _pack_version())
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".qcorrect-stats-", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            save_file(self.tensors(), tmp, metadata=meta.to_metadata())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_save_safetensors(self.tensors(), os.fspath(path), meta.to_metadata())
 
     def validate(self) -> None:
         """Raise :class:`StatsFileError` on non-finite or negative-count statistics."""

@@ -14,7 +14,8 @@ import tempfile
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+import safetensors.torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .activations import ActQuantizer
@@ -37,7 +38,8 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadat
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+        safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -150,11 +150,11 @@ def test_wrong_skeleton_is_refused(tmp_path):
 
 
 def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
-    import qcorrect.quant.io as qio
+    import safetensors.torch
     m = quantize_model(make_toy(), "W8A8")
     def boom(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(qio, "save_file", boom)
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         save_quantized(m, str(tmp_path / "x.safetensors"))
     assert os.listdir(tmp_path) == []
