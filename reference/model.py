@@ -32,8 +32,10 @@ from .unet import NULL_CLASS, UNet
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHT_FILES = ("autoencoder.safetensors", "unet.safetensors", "classifier.safetensors")
 
-# Chosen by looking at samples and classifier accuracy (euler / euler_ancestral, 20 steps): see
-# the docstring of ``load_reference`` and the report in docs.
+# Chosen from sample grids and classifier accuracy (euler / euler_ancestral, 20 normal steps):
+# scales 2–5 all give ≈99–100% class accuracy; at 3 the sampled latents keep the data's unit
+# variance (std ≈ 1.00 vs 0.98 at 2 and 1.04 at 5) and strokes stay varied, while 5 already
+# thickens and homogenises the digits. Unguided (cfg 1) samples are recognisable but weaker.
 DEFAULT_CFG = 3.0
 
 

@@ -142,6 +142,7 @@ def train_autoencoder(out_dir: Path, steps: int = 1200, batch: int = 128, minute
 # ---------------------------------------------------------------- UNet
 # ch and ch_low are multiples of 64 so that every quantized layer's input size (in·kh·kw) is divisible
 # by the int4 group size 64 of the W4 presets (quant/weights.py); 48 would make them refuse.
+# 64/128 wide: every layer but conv_in has an input size divisible by 64 (int4 group-64 presets).
 UNET_CONFIG = {"ch": 64, "ch_low": 128, "context_tokens": 4, "context_dim": 64, "heads": 4}
 UNET_STEPS = 2400
 UNET_BATCH = 64
@@ -234,19 +235,19 @@ UNET_FINETUNE_LR = 5e-4
 
 def finetune_unet(out_dir: Path, steps: int = UNET_FINETUNE_STEPS, batch: int = UNET_BATCH,
                   minutes: float | None = None, save_every: int = 500):
-    """Second cosine cycle at a lower peak LR, starting from the shipped (fp16) EMA weights.
+    """Optional second cosine cycle at a lower peak LR, starting from the saved (fp16) EMA weights.
 
     Why: on two shared CPU cores one long run is fragile (an interrupted cosine schedule ends at a
-    high LR), so training is split in two deterministic stages that each end annealed; the
-    second stage re-reads the stage-1 file, so rerunning either stage alone reproduces it.
+    high LR), so more training is added as a separate deterministic stage that also ends
+    annealed; it re-reads the stage-1 file, so it reproduces from that file alone. The shipped
+    ``unet.safetensors`` records its total step count in ``qcorrect.reference.steps``.
     """
     from .model import _load_module
     from .sigmas import scaled_linear_sigmas
     from .unet import NULL_CLASS, UNet
 
     torch.manual_seed(10)
-    _, labels = load_mnist("train")
-    images, _ = load_mnist("train")
+    images, labels = load_mnist("train")
     latents = encode_dataset(_load_trained_autoencoder(out_dir), images)
     del images
     unet, meta = _load_module(UNet, out_dir / "unet.safetensors", "cpu", torch.float32)
@@ -333,7 +334,8 @@ def train_classifier(out_dir: Path, steps: int = 1000, batch: int = 128, minutes
 # ---------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qcorrect.reference.train", description=__doc__)
-    parser.add_argument("which", choices=["autoencoder", "unet", "classifier", "all"])
+    parser.add_argument("which", choices=["autoencoder", "unet", "unet-finetune", "classifier", "all"],
+                        help="unet-finetune is an optional second stage on top of `unet` (not part of `all`)")
     parser.add_argument("--minutes", type=float, default=None, help="wall-time cap per model")
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--threads", type=int, default=2)
@@ -343,6 +345,8 @@ def main(argv: list[str] | None = None) -> None:
         train_autoencoder(args.out, minutes=args.minutes)
     if args.which in ("unet", "all"):
         train_unet(args.out, minutes=args.minutes)
+    if args.which == "unet-finetune":
+        finetune_unet(args.out, minutes=args.minutes)
     if args.which in ("classifier", "all"):
         train_classifier(args.out, minutes=args.minutes)
 
