@@ -2,8 +2,10 @@
 
 Everything is seeded and the number of optimisation steps is fixed, so a run on the same torch
 build and thread count reproduces the shipped fp16 files (``--minutes`` caps wall time per model
-for quick experiments; a capped run is no longer the reference recipe). On 2 CPU cores ``all``
-takes about 45 minutes. Weights are written as fp16 safetensors (no pickle) atomically (temporary
+for quick experiments; a capped run is no longer the reference recipe). Measured on the shared
+2-core build machine with one thread each: autoencoder ≈ 10 min, classifier ≈ 9 min, a 2400-step
+UNet run 40–55 min depending on width and load. ``check`` prints sample accuracies for a weights
+folder and can write the README grid (``--png docs/images/reference_samples.png``). Weights are written as fp16 safetensors (no pickle) atomically (temporary
 file, then ``os.replace``) and ``hashes.json`` is updated so ``load_reference`` can verify them.
 
 Order matters: the UNet is trained on latents of the *trained* autoencoder (the whole training set
@@ -331,16 +333,59 @@ def train_classifier(out_dir: Path, steps: int = 1000, batch: int = 128, minutes
     return clf
 
 
+# ---------------------------------------------------------------- checking the shipped model
+@torch.no_grad()
+def check_samples(weights_dir: Path, png: Path | None = None, per_class: int = 20, cfgs=(1.0, None)):
+    """Print classifier accuracy of FP samples (20 ``normal`` steps, euler and euler-ancestral) per
+    CFG scale (None = ``DEFAULT_CFG``), and optionally write the README grid (rows = classes 0–9,
+    euler at ``DEFAULT_CFG``, white digits on black as in MNIST)."""
+    from PIL import Image
+
+    from .model import DEFAULT_CFG, load_reference
+    from .samplers import sample_euler, sample_euler_ancestral
+    from .schedules import get_sigmas
+
+    ref = load_reference(weights_dir=weights_dir)
+    sigmas = get_sigmas("normal", ref.denoiser.sigmas, 20)
+    labels = torch.arange(10).repeat(per_class)
+    for cfg in [DEFAULT_CFG if c is None else c for c in cfgs]:
+        for name, sampler in (("euler", sample_euler), ("euler_ancestral", sample_euler_ancestral)):
+            x = torch.randn(len(labels), 4, 14, 14, generator=torch.Generator().manual_seed(7)) * sigmas[0]
+            out = sampler(ref.denoiser, x, sigmas, extra_args={"cond": labels, "cfg_scale": cfg},
+                          generator=torch.Generator().manual_seed(8))
+            pred = ref.classifier.logits(ref.autoencoder.decode(out)).argmax(1)
+            _log(f"{name:16s} cfg {cfg:.1f}: class accuracy {(pred == labels).float().mean().item():.3f} "
+                 f"(n={len(labels)}), latent std {out.std().item():.3f}")
+    if png is not None:
+        labels = torch.arange(10).repeat_interleave(10)
+        x = torch.randn(100, 4, 14, 14, generator=torch.Generator().manual_seed(2026)) * sigmas[0]
+        out = sample_euler(ref.denoiser, x, sigmas, extra_args={"cond": labels, "cfg_scale": DEFAULT_CFG})
+        img = ref.autoencoder.decode(out)[:, 0]
+        pad, cell = 2, 30
+        canvas = torch.ones(10 * cell + pad, 10 * cell + pad)
+        for i in range(100):
+            r, c = divmod(i, 10)
+            canvas[pad + r * cell : pad + r * cell + 28, pad + c * cell : pad + c * cell + 28] = img[i]
+        pixels = (canvas.clamp(0, 1) * 255).round().byte().numpy()
+        Image.fromarray(pixels, mode="L").resize((604, 604), Image.NEAREST).save(png, optimize=True)
+        _log(f"wrote {png}")
+
+
 # ---------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qcorrect.reference.train", description=__doc__)
-    parser.add_argument("which", choices=["autoencoder", "unet", "unet-finetune", "classifier", "all"],
-                        help="unet-finetune is an optional second stage on top of `unet` (not part of `all`)")
+    parser.add_argument("which", choices=["autoencoder", "unet", "unet-finetune", "classifier", "all", "check"],
+                        help="unet-finetune: optional second stage on top of `unet` (not part of `all`); "
+                             "check: sample accuracy table (and --png grid) for the weights in --out")
+    parser.add_argument("--png", type=Path, default=None, help="check: also write the class grid PNG")
     parser.add_argument("--minutes", type=float, default=None, help="wall-time cap per model")
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.which == "check":
+        check_samples(args.out, args.png)
+        return
     if args.which in ("autoencoder", "all"):
         train_autoencoder(args.out, minutes=args.minutes)
     if args.which in ("unet", "all"):
