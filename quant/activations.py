@@ -4,7 +4,9 @@ Activations are fake-quantized per tensor (quantize, then dequantize into the co
 setting of Q-Diffusion and PTQD (ALGORITHMS.md §1). Modes:
 
 * ``none``: identity (weight-only presets).
-* ``dynamic``: the range is the current tensor's min/max.
+* ``dynamic``: the range is the current tensor's min/max, taken per sample (along dim 0), so a
+  sample quantizes the same whether it runs alone or batched with others (CFG's cond/uncond
+  halves, a benchmark's batch); "per tensor" means per image's activation tensor.
 * ``static``: ranges calibrated per σ (see ``observers``) are looked up for the σ of the call: the
   nearest calibrated σ in log σ. Outside a σ scope (no σ published) the union of all calibrated
   ranges is used, a documented fallback that never clips more than any calibrated step did.
@@ -48,6 +50,14 @@ def fake_quantize(
     zero = torch.round(-lo / scale)
     q = torch.clamp(torch.round(xf / scale) + zero, 0, levels)
     return ((q - zero) * scale).to(x.dtype)
+
+
+def _per_sample_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.ndim < 2:
+        return torch.aminmax(x)
+    lo, hi = torch.aminmax(x.reshape(x.shape[0], -1), dim=1)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    return lo.reshape(shape), hi.reshape(shape)
 
 
 def _check_schedule(schedule: list, layer: str) -> list[tuple[float, float, int]]:
@@ -154,7 +164,7 @@ class ActQuantizer(nn.Module):
             return x
         sigma = self._sigma()
         if self.mode == "dynamic":
-            lo, hi = torch.aminmax(x.detach())
+            lo, hi = _per_sample_range(x.detach())
         else:
             lo, hi = self.static_range(sigma)
         return fake_quantize(x, lo, hi, self.current_bits(sigma), self.qtype.symmetric)

@@ -31,7 +31,15 @@ def test_dynamic_and_none():
     x = torch.randn(4, 16)
     assert torch.equal(ActQuantizer(None, "none")(x), x)
     y = ActQuantizer("a4_asym", "dynamic")(x)
-    assert not torch.equal(y, x) and len(torch.unique(y)) <= 16
+    assert not torch.equal(y, x) and all(len(torch.unique(row)) <= 16 for row in y)
+
+
+def test_dynamic_range_is_per_sample_so_batching_does_not_change_results():
+    q = ActQuantizer("a8_asym", "dynamic")
+    x = torch.randn(3, 5, 7) * torch.tensor([0.1, 1.0, 10.0]).reshape(3, 1, 1)
+    batched = q(x)
+    for i in range(3):
+        assert torch.equal(batched[i : i + 1], q(x[i : i + 1]))
 
 
 def test_static_ranges_picked_at_nearest_sigma():
