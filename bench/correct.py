@@ -42,6 +42,8 @@ ALONE = ["ptqd", "tac_ner", "tac", "tcec", "stepbaq"]
 COMBOS = ["ptqd_ibc", "ptqd_stepbaq", "tac_ner_stepbaq", "tcec_stepbaq"]
 ABLATION = ["none", "stepbaq_tia", "stepbaq_tia_la", "stepbaq_tia_la_ssa", "stepbaq"]
 BEST = "ptqd_stepbaq"
+#: what the demo (and later the Corrected KSampler) uses; chosen from docs/BENCHMARKS.md
+DEFAULT_METHOD = "ptqd_stepbaq"
 
 
 def expand_methods(text: str, samplers: list[str]) -> list[str]:

@@ -21,7 +21,7 @@ from ..evaluation import paired_bootstrap_ci
 from ..quant import PRESETS
 from ..reference.model import load_reference
 from .common import emit_json, parse_presets, print_table, set_threads
-from .correct import calibrate_method, check_disjoint, corrected_sampler, expand_methods
+from .correct import calibrate_method, check_disjoint, corrected_sampler, expand_methods, plain_cost
 from .pipeline import (
     RunConfig, decode, labels_for, parse_int_list, per_sample_metrics, quantized_denoiser, sample_latents, summary,
 )
@@ -59,7 +59,7 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
                      "seconds": round(time.perf_counter() - t0, 1)})
         log(f"# {sampler}: FP sampled in {rows[-1]['seconds']} s")
         for p in presets:
-            naive = None
+            naive, plain_cal = None, None
             for method in methods:
                 row = {"config": p, "method": method, "sampler": sampler}
                 fn = None
@@ -69,7 +69,11 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
                     else:
                         stats, secs = calibrate_method(ref, qmodels[p], method, rc_cal, calib_seeds,
                                                        calib_classes or classes, p, calib_mode)
-                        row.update(calib_seconds=round(secs, 1), calib_n=len(calib_seeds), calib_steps=rc_cal.steps)
+                        if plain_cal is None:  # the yardstick: sampling the calibration set with both models
+                            plain_cal = plain_cost(ref, qmodels[p], rc_cal, calib_seeds, calib_classes or classes,
+                                                   sample_latents)
+                        row.update(calib_seconds=round(secs, 1), calib_n=len(calib_seeds), calib_steps=rc_cal.steps,
+                                   plain_calib_seconds=round(plain_cal, 1), calib_cost_ratio=round(secs / plain_cal, 2))
                     fn = corrected_sampler(stats, method, sampler)
                 t0 = time.perf_counter()
                 lat = sample_latents(qmodels[p], rc, seeds, labels, grid, sampler_fn=fn)
@@ -120,9 +124,10 @@ def print_result(res: dict) -> None:
         table.append([r["config"], r["method"], r["sampler"], "-" if fp else f"{r['psnr']:.2f}",
                       "-" if fp else f"{r['ssim']:.4f}", "-" if fp else f"{r['latent_mse']:.5f}",
                       "-" if fp else f"{r['fid_to_fp']:.3f}", f"{100 * r['class_acc']:.1f}",
-                      _fmt_ci(r.get("gap_closed"), pct=True), _fmt_ci(r.get("psnr_delta")), r["n"]])
+                      _fmt_ci(r.get("gap_closed"), pct=True), _fmt_ci(r.get("psnr_delta")),
+                      f"{r['calib_cost_ratio']:.2f}" if "calib_cost_ratio" in r else "-", r["n"]])
     print_table(["config", "method", "sampler", "PSNR dB", "SSIM", "latent MSE", "FID-to-FP", "acc %",
-                 "MSE gap closed % [95% CI]", "ΔPSNR dB [95% CI]", "N"], table)
+                 "MSE gap closed % [95% CI]", "ΔPSNR dB [95% CI]", "calib cost ×", "N"], table)
 
 
 def main(args) -> int:
