@@ -150,3 +150,13 @@ def test_weight_property_and_no_float_copy():
     assert w.shape == src.block[2].weight.shape
     assert (w - src.block[2].weight).abs().max() < 0.01
     assert all(not n.endswith("block.2.weight") for n, _ in m.named_parameters())
+
+
+def test_quantized_model_runs_on_device_and_keeps_storage_dtypes(device):
+    m = quantize_model(make_toy(), "W4A8").to(device)
+    x, t = toy_inputs()
+    out = m(x.to(device), t.to(device))
+    assert out.device.type == device.type and torch.isfinite(out).all()
+    ref = quantize_model(make_toy(), "W4A8")(x, t)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+    assert m.block[2].qweight.device.type == device.type and m.block[2].scale.dtype == torch.float16
