@@ -26,7 +26,8 @@ def main(args) -> int:
     presets = ["W8A8", "W4A8"]
     methods = ["none"] if args.no_correction else ["none", DEFAULT_METHOD]
     res = run(presets, [args.sampler], DEMO_SEEDS, list(range(10)), "normal", args.steps, args.cfg,
-              log=lambda *_: None, keep_images=True, methods=methods, calib_seeds=DEMO_CALIB_SEEDS)
+              log=lambda *_: None, keep_images=True, methods=methods, calib_seeds=DEMO_CALIB_SEEDS,
+              measure_calib_cost=False)
     images = res.pop("images")
     print_result(res)
     rows, names = [images[(args.sampler, "FP")][:10]], ["FP"]

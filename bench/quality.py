@@ -33,7 +33,7 @@ def _ci(ci) -> dict:
 
 def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=None, batch_size=64, log=print,
         keep_images=False, methods=("none",), stats_path=None, calib_seeds=None, calib_classes=None,
-        calib_steps=None, calib_mode="progressive"):
+        calib_steps=None, calib_mode="progressive", measure_calib_cost=True):
     ref = load_reference()
     cfg_scale = ref.default_cfg if cfg is None else cfg
     labels = labels_for(seeds, classes)
@@ -69,11 +69,12 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
                     else:
                         stats, secs = calibrate_method(ref, qmodels[p], method, rc_cal, calib_seeds,
                                                        calib_classes or classes, p, calib_mode)
-                        if plain_cal is None:  # the yardstick: sampling the calibration set with both models
+                        if measure_calib_cost and plain_cal is None:  # the yardstick: sampling the calibration set with both models
                             plain_cal = plain_cost(ref, qmodels[p], rc_cal, calib_seeds, calib_classes or classes,
                                                    sample_latents)
-                        row.update(calib_seconds=round(secs, 1), calib_n=len(calib_seeds), calib_steps=rc_cal.steps,
-                                   plain_calib_seconds=round(plain_cal, 1), calib_cost_ratio=round(secs / plain_cal, 2))
+                        row.update(calib_seconds=round(secs, 1), calib_n=len(calib_seeds), calib_steps=rc_cal.steps)
+                        if plain_cal is not None:
+                            row.update(plain_calib_seconds=round(plain_cal, 1), calib_cost_ratio=round(secs / plain_cal, 2))
                     fn = corrected_sampler(stats, method, sampler)
                 t0 = time.perf_counter()
                 lat = sample_latents(qmodels[p], rc, seeds, labels, grid, sampler_fn=fn)
