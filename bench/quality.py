@@ -93,7 +93,7 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
                 log(f"# {sampler}: {p} {method} sampled in {row['seconds']} s")
     res = {"scheduler": scheduler, "steps": steps, "cfg": cfg_scale, "n": len(seeds),
            "seeds": _span(seeds), "classes": classes, "rows": rows,
-           "calibration": None if calib_seeds is None or stats_path else
+           "calibration": None if calib_seeds is None or stats_path or methods == ["none"] else
            {"seeds": _span(calib_seeds), "classes": calib_classes or classes, "steps": calib_steps or steps,
             "mode": calib_mode},
            "stats_file": stats_path}
