@@ -58,13 +58,27 @@ def _proxy_pair(channels: int):
     return fp, q
 
 
+def _stats(method: str, sampler: str, sigmas, latent):
+    fp, q = _proxy_pair(4)
+    cal_sampler = sampler if sampler in ("euler", "euler_ancestral", "dpmpp_2m") else "euler"
+    return calibrate(fp, q, torch.randn(8, *latent[1:]), sigmas.cpu(), engine=EngineConfig.preset(method),
+                     config=CalibrationConfig(sampler=cal_sampler), grid_sigmas=scaled_linear_sigmas())
+
+
+def run_engine_only(method: str, sampler: str, steps: int, size: int, device: str) -> dict:
+    """Only the engine's own cost per run (no UNet): cheap, precise, for comparing with a plain run."""
+    latent = (1, 4, size, size)
+    sigmas = get_sigmas("normal", scaled_linear_sigmas(), steps).to(device)
+    stats = _stats(method, sampler, sigmas, latent)
+    x = torch.randn(*latent, device=device) * sigmas[0]
+    return {"method": method, "sampler": sampler, "steps": steps, "latent": list(latent), "device": device,
+            "isolated_engine_s": isolated_cost(stats, method, sampler, sigmas, x, repeats=101)}
+
+
 def run(method: str, sampler: str, steps: int, size: int, repeats: int, device: str, dtype: torch.dtype) -> dict:
     latent = (1, 4, size, size)
     sigmas = get_sigmas("normal", scaled_linear_sigmas(), steps).to(device)
-    fp, q = _proxy_pair(4)
-    cal_sampler = sampler if sampler in ("euler", "euler_ancestral", "dpmpp_2m") else "euler"
-    stats = calibrate(fp, q, torch.randn(8, *latent[1:]), sigmas.cpu(), engine=EngineConfig.preset(method),
-                      config=CalibrationConfig(sampler=cal_sampler), grid_sigmas=scaled_linear_sigmas())
+    stats = _stats(method, sampler, sigmas, latent)
     unet = build_sd15_unet(dtype, device=device)
     model = SDDenoiser(unet, torch.randn(1, 77, 768, device=device, dtype=dtype))
     fn = SAMPLERS[sampler]
@@ -129,6 +143,16 @@ def main(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or
                                                                                    ("fp16" if device == "cuda" else "fp32")]
+    if args.engine_only:
+        results = [run_engine_only(m, s, args.steps, args.size, device)
+                   for m in args.methods.split(",") for s in args.sampler.split(",")]
+        print(f"engine alone (a model that costs nothing), {args.size}x{args.size} latents, {args.steps} steps, "
+              f"{device}, median of 101 interleaved runs")
+        print_table(["method", "sampler", "engine alone ms per run"],
+                    [[r["method"], r["sampler"], f"{1000 * r['isolated_engine_s']:.2f}"] for r in results])
+        if args.json:
+            emit_json({"results": results})
+        return 0
     results = [run(m, s, args.steps, args.size, args.repeats, device, dtype)
                for m in args.methods.split(",") for s in args.sampler.split(",")]
     print(f"engine overhead, SD1.5-shaped UNet, {args.size}x{args.size} latents, {args.steps} steps, "
@@ -152,5 +176,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--engine-only", action="store_true",
+                   help="time only the engine's own work (no UNet): seconds added per run")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.set_defaults(func=main)
