@@ -87,7 +87,7 @@ class WeightsIntegrityError(RuntimeError):
     """A shipped weights file is missing or does not match ``hashes.json``."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -109,7 +109,7 @@ def verify_weights(weights_dir: Path = WEIGHTS_DIR) -> None:
                 f"reference weights file {path} is missing or not listed in {hashes_path}; "
                 "reinstall the pack or run `python -m qcorrect.reference.train all`"
             )
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != expected[name]:
             raise WeightsIntegrityError(
                 f"reference weights file {path} has SHA-256 {actual} but hashes.json expects "

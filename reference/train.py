@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -35,14 +34,6 @@ FORMAT_VERSION = "1"
 
 
 # ---------------------------------------------------------------- file handling
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -66,6 +57,8 @@ def save_weights(module: torch.nn.Module, out_dir: Path, name: str, config: dict
     os.replace(tmp, path)
     hashes_path = out_dir / "hashes.json"
     hashes = json.loads(hashes_path.read_text()) if hashes_path.exists() else {}
+    from .model import sha256_file  # local: model imports this package's modules too
+
     hashes[path.name] = sha256_file(path)
     _atomic_write_text(hashes_path, json.dumps(dict(sorted(hashes.items())), indent=2) + "\n")
     return path
