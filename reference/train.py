@@ -175,8 +175,7 @@ def train_unet(out_dir: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH, 
     2022), AdamW with warmup + cosine decay, and an EMA of the weights, which is what ships.
     The EMA is also saved every ``save_every`` steps so an interrupted run leaves usable weights.
     """
-    from .sigmas import scaled_linear_sigmas
-    from .unet import NULL_CLASS, UNet
+    from .unet import UNet
 
     torch.manual_seed(0)
     images, labels = load_mnist("train")
@@ -184,16 +183,33 @@ def train_unet(out_dir: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH, 
     del images
     _log(f"unet: encoded {tuple(latents.shape)} latents, std {latents.std().item():.3f}, "
          f"mean {latents.mean().item():.3f}")
-    sigmas = scaled_linear_sigmas()
     unet = UNet(**UNET_CONFIG)
     ema = copy.deepcopy(unet).requires_grad_(False)
     _log(f"unet: {sum(p.numel() for p in unet.parameters()):,} parameters")
-    opt = torch.optim.AdamW(unet.parameters(), lr=UNET_LR, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(2)
-    batches, t0, running = _Batches(len(latents), batch, seed=3), time.time(), 0.0
+    return _unet_steps(unet, ema, latents, labels, out_dir, steps=steps, batch=batch, peak_lr=UNET_LR, warmup=200,
+                       seeds=(2, 3), ema_warmup=True, step_offset=0, name="unet", minutes=minutes,
+                       save_every=save_every)
+
+
+def _unet_steps(unet, ema, latents, labels, out_dir: Path, *, steps: int, batch: int, peak_lr: float, warmup: int,
+                seeds: tuple[int, int], ema_warmup: bool, step_offset: int, name: str, minutes: float | None,
+                save_every: int):
+    """The shared ε-MSE training loop of both UNet stages (cosine LR, label dropout, EMA, periodic saves).
+
+    ``seeds`` seed the noise/timestep generator and the batch order; ``ema_warmup`` ramps the EMA
+    decay in from 0 (stage 1 starts from random weights); ``step_offset`` is the steps already
+    recorded in the weights being continued.
+    """
+    from .sigmas import scaled_linear_sigmas
+    from .unet import NULL_CLASS
+
+    sigmas = scaled_linear_sigmas()
+    opt = torch.optim.AdamW(unet.parameters(), lr=peak_lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seeds[0])
+    batches, t0, running = _Batches(len(latents), batch, seed=seeds[1]), time.time(), 0.0
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = _cosine_lr(step, steps, UNET_LR, warmup=200)
+            g["lr"] = _cosine_lr(step, steps, peak_lr, warmup=warmup)
         idx = batches.next()
         x0, y = latents[idx], labels[idx].clone()
         y[torch.rand(batch, generator=gen) < LABEL_DROPOUT] = NULL_CLASS
@@ -206,21 +222,21 @@ def train_unet(out_dir: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        decay = min(UNET_EMA, (1.0 + step) / (10.0 + step))
+        decay = min(UNET_EMA, (1.0 + step) / (10.0 + step)) if ema_warmup else UNET_EMA
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1.0 - decay)
         running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == steps - 1:
-            _log(f"unet step {step}/{steps} loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+            _log(f"{name} step {step}/{steps} loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                  f"{time.time() - t0:.0f}s")
         if (step + 1) % save_every == 0:
-            save_weights(ema, out_dir, "unet", UNET_CONFIG, {"steps": step + 1})
+            save_weights(ema, out_dir, "unet", UNET_CONFIG, {"steps": step_offset + step + 1})
         if minutes is not None and time.time() - t0 > 60 * minutes:
-            _log(f"unet: time cap reached at step {step}")
+            _log(f"{name}: time cap reached at step {step}")
             break
-    path = save_weights(ema, out_dir, "unet", UNET_CONFIG, {"steps": step + 1})
-    _log(f"unet done in {time.time() - t0:.0f}s; wrote {path}")
+    path = save_weights(ema, out_dir, "unet", UNET_CONFIG, {"steps": step_offset + step + 1})
+    _log(f"{name} done in {time.time() - t0:.0f}s; wrote {path}")
     return ema
 
 
@@ -238,8 +254,7 @@ def finetune_unet(out_dir: Path, steps: int = UNET_FINETUNE_STEPS, batch: int = 
     ``unet.safetensors`` records its total step count in ``qcorrect.reference.steps``.
     """
     from .model import _load_module
-    from .sigmas import scaled_linear_sigmas
-    from .unet import NULL_CLASS, UNet
+    from .unet import UNet
 
     torch.manual_seed(10)
     images, labels = load_mnist("train")
@@ -249,40 +264,10 @@ def finetune_unet(out_dir: Path, steps: int = UNET_FINETUNE_STEPS, batch: int = 
     unet.train().requires_grad_(True)
     start_steps = int(meta.get("qcorrect.reference.steps", 0))
     ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=UNET_FINETUNE_LR, weight_decay=0.01)
-    sigmas, gen = scaled_linear_sigmas(), torch.Generator().manual_seed(12)
-    batches, t0, running = _Batches(len(latents), batch, seed=13), time.time(), 0.0
     _log(f"unet finetune: from {start_steps} steps, {steps} more")
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = _cosine_lr(step, steps, UNET_FINETUNE_LR, warmup=100)
-        idx = batches.next()
-        x0, y = latents[idx], labels[idx].clone()
-        y[torch.rand(batch, generator=gen) < LABEL_DROPOUT] = NULL_CLASS
-        t = torch.randint(0, len(sigmas), (batch,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        sigma = sigmas[t].reshape(-1, 1, 1, 1)
-        x_in = (x0 + sigma * eps) / (sigma**2 + 1.0).sqrt()
-        loss = F.mse_loss(unet(x_in, t.float(), y), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1.0 - UNET_EMA)
-        running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
-        if step % 100 == 0 or step == steps - 1:
-            _log(f"unet finetune step {step}/{steps} loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                 f"{time.time() - t0:.0f}s")
-        if (step + 1) % save_every == 0:
-            save_weights(ema, out_dir, "unet", UNET_CONFIG, {"steps": start_steps + step + 1})
-        if minutes is not None and time.time() - t0 > 60 * minutes:
-            _log(f"unet finetune: time cap reached at step {step}")
-            break
-    path = save_weights(ema, out_dir, "unet", UNET_CONFIG, {"steps": start_steps + step + 1})
-    _log(f"unet finetune done in {time.time() - t0:.0f}s; wrote {path}")
-    return ema
+    return _unet_steps(unet, ema, latents, labels, out_dir, steps=steps, batch=batch, peak_lr=UNET_FINETUNE_LR,
+                       warmup=100, seeds=(12, 13), ema_warmup=False, step_offset=start_steps,
+                       name="unet finetune", minutes=minutes, save_every=save_every)
 
 
 # ---------------------------------------------------------------- classifier
