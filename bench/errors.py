@@ -4,16 +4,87 @@ Teacher-forced calibration (both models evaluated on the FP trajectory, PTQD's p
 given seeds, then per step: PTQD's correlation k and its R², the mean |per-channel bias| μ and the
 residual std σ_q (ALGORITHMS.md §2b). A bias that is large next to σ_q is what output corrections
 can remove; an error with R² ≈ 0 and small μ is sample-specific noise no per-σ statistic removes.
+
+``--drift`` adds the end-to-end view (:func:`drift_decomposition`): the naive quantized and the FP
+trajectories run side by side (euler) on the calibration seeds and on held-out seeds; for every
+step it reports the latent drift δ_n = x̂_n − x_n on the held-out seeds and the share of its
+energy left after subtracting the calibration set's mean drift per channel (what StepbaQ LA and
+TAC IBC can remove) and per position. It also compares the final error with the teacher-forced
+sum Σ h_n·e_n that TCEC's closed form (J ≈ 0, ALGORITHMS.md §5b) predicts: a ratio far above 1
+means the sampler damps early errors and J ≈ 0 does not hold.
 """
 
 from __future__ import annotations
+
+import torch
 
 from ..calibration.ptqd import ptqd_params
 from ..quant import PRESETS
 from ..reference.model import load_reference
 from .common import emit_json, parse_presets, print_table, set_threads
 from .correct import calibrate_method
-from .pipeline import RunConfig, parse_int_list, quantized_denoiser
+from .pipeline import RunConfig, initial_noise, labels_for, parse_int_list, quantized_denoiser, start_latent
+from ..reference.schedules import get_sigmas
+
+
+@torch.no_grad()
+def _drift_run(fp, q, x, sigmas, extra):
+    """Yield, per euler step n, the drift x̂_{n+1} − x_{n+1} and h_n·e_n (e_n teacher-forced on x_n)."""
+    xq = x.clone()
+    for n in range(sigmas.numel() - 1):
+        s, s_next = sigmas[n], sigmas[n + 1]
+        sv = s.expand(x.shape[0])
+        eps = (x - fp(x, sv, **extra)) / s
+        h_e = (s_next - s) * ((x - q(x, sv, **extra)) / s - eps)
+        x = x + (s_next - s) * eps
+        xq = xq + (s_next - s) * (xq - q(xq, sv, **extra)) / s
+        yield n, xq - x, h_e
+
+
+def drift_decomposition(fp, q, sigmas, noise_cal, extra_cal, noise_eval, extra_eval, batch_size=64) -> dict:
+    """How much of the naive quantized drift a per-σ mean could remove, measured on held-out samples.
+
+    ``noise_*`` are the initial latents (already scaled to σ_0) of the calibration and held-out sets;
+    ``extra_*`` their conditioning. The calibration set gives the mean drift per step (per channel
+    and per position); the held-out set is scored against it. Memory: one mean per step, sums
+    streamed over batches.
+    """
+    steps = sigmas.numel() - 1
+
+    def batches(noise, extra):
+        for i in range(0, noise.shape[0], batch_size):
+            sl = slice(i, i + batch_size)
+            yield noise[sl], {k: (v[sl] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == noise.shape[0]
+                                  else v) for k, v in extra.items()}
+
+    mean_pos = torch.zeros(steps, *noise_cal.shape[1:], dtype=torch.float64)
+    for x, ex in batches(noise_cal, extra_cal):
+        for n, d, _ in _drift_run(fp, q, x, sigmas, ex):
+            mean_pos[n] += d.double().sum(0)
+    mean_pos /= noise_cal.shape[0]
+    mean_ch = mean_pos.mean(dim=tuple(range(2, mean_pos.ndim)), keepdim=True)
+    tot, left_ch, left_pos = (torch.zeros(steps, dtype=torch.float64) for _ in range(3))
+    tf_sum = torch.zeros_like(noise_eval, dtype=torch.float64)
+    final = None
+    for i, (x, ex) in enumerate(batches(noise_eval, extra_eval)):
+        acc = torch.zeros_like(x, dtype=torch.float64)
+        for n, d, h_e in _drift_run(fp, q, x, sigmas, ex):
+            d = d.double()
+            tot[n] += d.pow(2).sum()
+            left_ch[n] += (d - mean_ch[n]).pow(2).sum()
+            left_pos[n] += (d - mean_pos[n]).pow(2).sum()
+            acc += h_e.double()
+            last = d
+        tf_sum[i * batch_size : i * batch_size + x.shape[0]] = acc
+        final = last if final is None else torch.cat([final, last])
+    rows = [{"step": n, "sigma_next": float(sigmas[n + 1]), "drift_mse": float(tot[n]) / noise_eval.numel(),
+             "left_after_channel_mean": float(left_ch[n] / tot[n]) if tot[n] > 0 else 0.0,
+             "left_after_position_mean": float(left_pos[n] / tot[n]) if tot[n] > 0 else 0.0} for n in range(steps)]
+    final_mse = float(final.pow(2).mean())
+    tf_mse = float(tf_sum.pow(2).mean())
+    cos = float((final * tf_sum).sum() / (final.norm() * tf_sum.norm()).clamp_min(1e-30))
+    return {"rows": rows, "final_mse": final_mse, "teacher_forced_sum_mse": tf_mse,
+            "sum_over_final": tf_mse / final_mse if final_mse > 0 else float("inf"), "cosine_final_vs_sum": cos}
 
 
 def main(args) -> int:
@@ -34,6 +105,8 @@ def main(args) -> int:
                          "r2": float(p.r2.reshape(-1)[n]), "bias_abs_mean": float(p.bias[n].abs().mean()),
                          "sigma_q": float(p.sigma_q.reshape(-1)[n])})
         out["presets"][preset] = rows
+        if args.drift:
+            out.setdefault("drift", {})[preset] = _print_drift(ref, qd, rc, args)
         print(f"{preset}: ε-error per step (teacher-forced, {args.sampler}, {args.steps} steps, cfg {cfg}, seeds {args.seeds})")
         print_table(["step", "sigma", "k", "R²", "mean |μ_c|", "σ_q"],
                     [[r["step"], f"{r['sigma']:.3f}", f"{r['k']:.4f}", f"{r['r2']:.4f}",
@@ -41,6 +114,30 @@ def main(args) -> int:
     if args.json:
         emit_json(out)
     return 0
+
+
+def _print_drift(ref, qd, rc, args) -> dict:
+    if args.sampler not in ("euler", "ddim"):
+        raise SystemExit("--drift steps euler (= ddim) only")
+    cal, held = parse_int_list(args.seeds), parse_int_list(args.holdout_seeds)
+    if set(cal) & set(held):
+        raise SystemExit("--holdout-seeds must not overlap --seeds")
+    classes = parse_int_list(args.classes)
+    grid = ref.denoiser.sigmas
+    sigmas = get_sigmas(rc.scheduler, grid, rc.steps)
+    shape = (4, 14, 14)
+    res = drift_decomposition(
+        ref.denoiser, qd, sigmas,
+        start_latent(initial_noise(cal, shape), sigmas, grid), {"cond": labels_for(cal, classes), "cfg_scale": rc.cfg},
+        start_latent(initial_noise(held, shape), sigmas, grid), {"cond": labels_for(held, classes), "cfg_scale": rc.cfg},
+        batch_size=rc.batch_size)
+    print(f"naive drift x̂−x on held-out seeds {args.holdout_seeds}; means from seeds {args.seeds}")
+    print_table(["step", "σ_next", "drift MSE", "left after channel mean", "left after position mean"],
+                [[r["step"], f"{r['sigma_next']:.3f}", f"{r['drift_mse']:.5f}", f"{r['left_after_channel_mean']:.3f}",
+                  f"{r['left_after_position_mean']:.3f}"] for r in res["rows"]])
+    print(f"final latent MSE {res['final_mse']:.5f}; teacher-forced Σ h·e predicts {res['teacher_forced_sum_mse']:.5f} "
+          f"({res['sum_over_final']:.1f}×), cosine {res['cosine_final_vs_sum']:.2f}")
+    return res
 
 
 def add_parser(sub) -> None:
@@ -53,6 +150,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seeds", default="0-31")
     p.add_argument("--classes", default="0-9")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--drift", action="store_true",
+                   help="also decompose the naive end-to-end drift on --holdout-seeds (euler)")
+    p.add_argument("--holdout-seeds", default="5000-5127", help="held-out seeds for --drift (disjoint from --seeds)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=main)
