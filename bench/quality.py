@@ -21,7 +21,7 @@ from ..evaluation import paired_bootstrap_ci
 from ..quant import PRESETS
 from ..reference.model import load_reference
 from .common import emit_json, parse_presets, print_table, set_threads
-from .correct import calibrate_method, check_disjoint, corrected_sampler, expand_methods, plain_cost
+from .correct import auto_reason, calibrate_method, check_disjoint, corrected_sampler, expand_methods, plain_cost
 from .pipeline import (
     RunConfig, decode, labels_for, parse_int_list, per_sample_metrics, quantized_denoiser, sample_latents, summary,
 )
@@ -75,6 +75,9 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
                         row.update(calib_seconds=round(secs, 1), calib_n=len(calib_seeds), calib_steps=rc_cal.steps)
                         if plain_cal is not None:
                             row.update(plain_calib_seconds=round(plain_cal, 1), calib_cost_ratio=round(secs / plain_cal, 2))
+                    if method == "auto":
+                        row["auto"] = auto_reason(stats)
+                        log(f"# {sampler}: {p} {row['auto']}")
                     fn = corrected_sampler(stats, method, sampler)
                 t0 = time.perf_counter()
                 lat = sample_latents(qmodels[p], rc, seeds, labels, grid, sampler_fn=fn)
@@ -129,6 +132,9 @@ def print_result(res: dict) -> None:
                       f"{r['calib_cost_ratio']:.2f}" if "calib_cost_ratio" in r else "-", r["n"]])
     print_table(["config", "method", "sampler", "PSNR dB", "SSIM", "latent MSE", "FID-to-FP", "acc %",
                  "MSE gap closed % [95% CI]", "ΔPSNR dB [95% CI]", "calib cost ×", "N"], table)
+    for r in res["rows"]:
+        if "auto" in r:
+            print(f"{r['config']} {r['sampler']}: {r['auto']}")
 
 
 def main(args) -> int:

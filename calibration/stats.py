@@ -54,6 +54,8 @@ class StatsMeta:
     (progressive mode, ALGORITHMS.md §8.2), e.g. ``("ptqd", "stepbaq")``; ``output_method`` and
     ``latent_method`` name the output-affine and the latent-mean correction among them ("none" if
     absent). ``tac_mask_kappa`` is κ of the TAC relative-error mask (§4b), fixed at collection.
+    ``validation`` is the end-to-end check of ``validate.py`` (methods, sampler, n, naive and
+    corrected latent MSE, gap closed) when one was run on calibration samples, else empty.
     """
 
     model_fingerprint: str = ""
@@ -74,6 +76,7 @@ class StatsMeta:
     acc: bool = True
     tac_mask_kappa: float = 0.5
     rho_min: float = 0.0
+    validation: dict = field(default_factory=dict)
     pack_version: str = field(default="")
 
     def to_metadata(self) -> dict:
@@ -91,6 +94,9 @@ class StatsMeta:
             if key in md:
                 value = json.loads(md[key])
                 kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+        check = kwargs.get("validation", {})
+        if not isinstance(check, dict) or not isinstance(check.get("gap_closed", 0.0), (int, float)):
+            raise ValueError("qcorrect.validation must be an object with a numeric gap_closed")
         return cls(**kwargs)
 
     def merge_key(self) -> dict:
@@ -98,6 +104,7 @@ class StatsMeta:
         d = dataclasses.asdict(self)
         d.pop("n_samples")
         d.pop("pack_version")
+        d.pop("validation")  # a check of one calibration set, not a property of the configuration
         return d
 
 
@@ -220,7 +227,8 @@ class CorrectionStats:
                                          "calibrate both with the same model, sampler, schedule, cfg and methods")
         if self.channels != other.channels or self.rows != other.rows or not torch.allclose(self.sigma, other.sigma, rtol=1e-6):
             raise IncompatibleStatsError("cannot merge statistics over different σ schedules or channel counts")
-        meta = dataclasses.replace(self.meta, n_samples=self.meta.n_samples + other.meta.n_samples)
+        meta = dataclasses.replace(self.meta, n_samples=self.meta.n_samples + other.meta.n_samples,
+                                   validation={})  # neither input's end-to-end check describes the union
         merged = CorrectionStats(self.sigma, self.sigma_next, {k: self.sums[k] + other.sums[k] for k in SUM_FIELDS},
                                  meta, self.grid_sigmas)
         from .stepbaq import stepback_decisions  # local import: stepbaq derives from these sums

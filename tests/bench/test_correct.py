@@ -1,16 +1,33 @@
 import pytest
 
+import torch
+
 from qcorrect.bench.correct import ABLATION, ALONE, COMBOS, METHODS, check_disjoint, engine_config, expand_methods
+from qcorrect.calibration import CorrectionStats
+from qcorrect.calibration.validate import with_validation
 
 
 def test_every_method_is_a_valid_engine_configuration():
     for name in METHODS:
+        if name == "auto":
+            continue
         cfg = engine_config(name)
         assert cfg.any_enabled == (name != "none")
 
 
+def test_auto_follows_the_stored_end_to_end_check():
+    stats = CorrectionStats.empty(torch.tensor([14.6, 1.0, 0.0]), 4)
+    with pytest.raises(ValueError, match="statistics"):
+        engine_config("auto")
+    assert not engine_config("auto", stats).any_enabled  # no check stored: uncorrected
+    good = with_validation(stats, {"methods": ["tcec"], "n": 64, "gap_closed": 0.02})
+    assert engine_config("auto", good).tcec
+    bad = with_validation(stats, {"methods": ["tcec"], "n": 64, "gap_closed": -0.01})
+    assert not engine_config("auto", bad).any_enabled
+
+
 def test_all_and_ablation_expansions():
-    assert expand_methods("all", ["euler"]) == ["none", *ALONE, *COMBOS]
+    assert expand_methods("all", ["euler"]) == ["none", *ALONE, *COMBOS, "auto"]
     assert "ptqd_vsc" in expand_methods("all", ["euler", "euler_ancestral"])
     assert expand_methods("ablation", ["euler"]) == ABLATION
     # the ablation is cumulative: each entry switches on a superset of the previous one's components
