@@ -16,6 +16,7 @@ import torch
 
 from ..evaluation import class_correct, fid_to_fp, latent_mse, psnr, ssim
 from ..quant import SigmaScopedDenoiser, quantize_model
+from ..quant.observers import ActivationObserver
 from ..reference.samplers import SAMPLERS
 from ..reference.schedules import SCHEDULERS, get_sigmas
 
@@ -109,6 +110,21 @@ def quantized_denoiser(denoiser, plan):
     qd = copy.deepcopy(denoiser)
     quantize_model(qd.unet, plan)
     return SigmaScopedDenoiser(qd, qd.unet)
+
+
+@torch.no_grad()
+def calibrate_static_ranges(qden: SigmaScopedDenoiser, cfg: RunConfig, seeds: list[int], labels: torch.Tensor,
+                            model_sigmas: torch.Tensor, method: str = "mse") -> int:
+    """Static per-σ activation ranges for a quantized denoiser made with ``act_mode="static"``.
+
+    Samples ``seeds`` (calibration seeds, never evaluation seeds) with the layers' inputs observed
+    unquantized — Q-Diffusion's protocol of collecting activations along the sampling trajectory
+    (ALGORITHMS.md §1) with one range per σ of the schedule (PCR's per-step quantizers, §6b) — then
+    stores the ranges (``method``: minmax, percentile or mse). Returns the number of layers set.
+    """
+    with ActivationObserver(qden.quantized, method=method) as obs:
+        sample_latents(qden, cfg, seeds, labels, model_sigmas)
+    return obs.apply()
 
 
 @torch.no_grad()

@@ -18,12 +18,13 @@ import time
 
 from ..calibration import CorrectionStats
 from ..evaluation import paired_bootstrap_ci
-from ..quant import PRESETS
+from ..quant import PRESETS, preset
 from ..reference.model import load_reference
 from .common import emit_json, parse_presets, print_table, set_threads
 from .correct import auto_reason, calibrate_method, check_disjoint, corrected_sampler, expand_methods, plain_cost
 from .pipeline import (
-    RunConfig, decode, labels_for, parse_int_list, per_sample_metrics, quantized_denoiser, sample_latents, summary,
+    RunConfig, calibrate_static_ranges, decode, labels_for, parse_int_list, per_sample_metrics, quantized_denoiser,
+    sample_latents, summary,
 )
 
 
@@ -33,7 +34,7 @@ def _ci(ci) -> dict:
 
 def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=None, batch_size=64, log=print,
         keep_images=False, methods=("none",), stats_path=None, calib_seeds=None, calib_classes=None,
-        calib_steps=None, calib_mode="progressive", measure_calib_cost=True):
+        calib_steps=None, calib_mode="progressive", measure_calib_cost=True, act_static=None):
     ref = load_reference()
     cfg_scale = ref.default_cfg if cfg is None else cfg
     labels = labels_for(seeds, classes)
@@ -44,7 +45,18 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
     methods.sort(key=lambda m: m != "none")
     if calib_seeds is not None:
         check_disjoint(calib_seeds, seeds)
-    qmodels = {p: quantized_denoiser(ref.denoiser, PRESETS[p]) for p in presets}
+    if act_static:
+        if calib_seeds is None:
+            raise SystemExit("--act-static needs --calib-seeds (the activation ranges are calibrated on them)")
+        qmodels = {}
+        for p in presets:
+            qmodels[p] = quantized_denoiser(ref.denoiser, preset(p, act_mode="static"))
+            rc_obs = RunConfig(samplers[0], scheduler, calib_steps or steps, cfg_scale, batch_size).validate()
+            n = calibrate_static_ranges(qmodels[p], rc_obs, calib_seeds, labels_for(calib_seeds, calib_classes or classes),
+                                        grid, act_static)
+            log(f"# {p}: static activation ranges ({act_static}) for {n} layers from seeds {_span(calib_seeds)}")
+    else:
+        qmodels = {p: quantized_denoiser(ref.denoiser, PRESETS[p]) for p in presets}
     loaded = CorrectionStats.load(stats_path) if stats_path else None
     rows, images = [], {}
     for sampler in samplers:
@@ -94,7 +106,7 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
                 row["seconds"] = round(time.perf_counter() - t0, 1)
                 rows.append(row)
                 log(f"# {sampler}: {p} {method} sampled in {row['seconds']} s")
-    res = {"scheduler": scheduler, "steps": steps, "cfg": cfg_scale, "n": len(seeds),
+    res = {"scheduler": scheduler, "steps": steps, "cfg": cfg_scale, "n": len(seeds), "act_static": act_static,
            "seeds": _span(seeds), "classes": classes, "rows": rows,
            "calibration": None if calib_seeds is None or stats_path or methods == ["none"] else
            {"seeds": _span(calib_seeds), "classes": calib_classes or classes, "steps": calib_steps or steps,
@@ -118,7 +130,8 @@ def _fmt_ci(ci, pct=False):
 
 def print_result(res: dict) -> None:
     print(f"quality vs FP — reference model, {res['scheduler']} schedule, {res['steps']} steps, "
-          f"cfg {res['cfg']}, N={res['n']}, seeds {res['seeds']}")
+          f"cfg {res['cfg']}, N={res['n']}, seeds {res['seeds']}"
+          + (f", static activation ranges ({res['act_static']})" if res.get("act_static") else ""))
     if res.get("calibration"):
         c = res["calibration"]
         print(f"corrections calibrated ({c['mode']}) on seeds {c['seeds']}, {c['steps']} steps")
@@ -142,11 +155,11 @@ def main(args) -> int:
     presets = parse_presets(args.preset)
     samplers = args.sampler.split(",")
     methods = expand_methods(args.methods, samplers)
-    calib_seeds = None if args.stats else parse_int_list(args.calib_seeds)
+    calib_seeds = parse_int_list(args.calib_seeds) if (not args.stats or args.act_static) else None
     res = run(presets, samplers, parse_int_list(args.seeds), parse_int_list(args.classes), args.scheduler,
               args.steps, args.cfg, args.batch, methods=methods, stats_path=args.stats, calib_seeds=calib_seeds,
               calib_classes=parse_int_list(args.calib_classes) if args.calib_classes else None,
-              calib_steps=args.calib_steps, calib_mode=args.calib_mode)
+              calib_steps=args.calib_steps, calib_mode=args.calib_mode, act_static=args.act_static)
     print_result(res)
     if args.json:
         emit_json(res)
@@ -169,6 +182,9 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-classes", default=None, help="calibration classes (default: --classes)")
     p.add_argument("--calib-steps", type=int, default=None, help="steps of the calibration schedule (default: --steps)")
     p.add_argument("--calib-mode", default="progressive", choices=["progressive", "teacher_forced"])
+    p.add_argument("--act-static", default=None, choices=["minmax", "percentile", "mse"],
+                   help="static per-σ activation ranges (Q-Diffusion/PCR style) calibrated on --calib-seeds with this "
+                        "estimator, instead of the presets' dynamic per-sample ranges")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")

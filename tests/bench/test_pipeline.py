@@ -91,3 +91,24 @@ def test_resident_bytes_counts_codes_scales_and_kept_layers():
     mid = 64 * 64 * 9 * 1 + 64 * 2 + 64 * 2  # int8 codes + fp16 scales + fp16 bias
     edges = 2 * sum(p.numel() for i in (0, 2) for p in model[i].parameters())
     assert resident_bytes(model) == mid + edges
+
+
+def test_static_activation_ranges_are_calibrated_per_sigma_on_the_given_seeds():
+    from qcorrect.bench.pipeline import calibrate_static_ranges, quantized_denoiser
+    from qcorrect.quant import preset
+    from qcorrect.quant.plan import quantized_layers
+    from qcorrect.reference.model import load_reference
+
+    ref = load_reference()
+    rc = RunConfig("euler", "normal", 3, 3.0, 2)
+    seeds = [0, 1]
+    labels = labels_for(seeds, list(range(10)))
+    static = quantized_denoiser(ref.denoiser, preset("W4A8", act_mode="static"))
+    n = calibrate_static_ranges(static, rc, seeds, labels, ref.denoiser.sigmas, "minmax")
+    acts = [m.act for m in quantized_layers(static.quantized).values() if m.act.qtype is not None]
+    assert n == len(acts) > 0
+    assert all(a.mode == "static" and len(a.range_sigmas) == 3 for a in acts)  # one range per σ of the schedule
+    out = sample_latents(static, rc, [1000], labels_for([1000], [3]), ref.denoiser.sigmas)
+    dyn = quantized_denoiser(ref.denoiser, preset("W4A8"))
+    out_dyn = sample_latents(dyn, rc, [1000], labels_for([1000], [3]), ref.denoiser.sigmas)
+    assert torch.isfinite(out).all() and not torch.equal(out, out_dyn)
