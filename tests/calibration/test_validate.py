@@ -25,8 +25,20 @@ def test_check_measures_a_real_gain_and_auto_keeps_the_correction(synth):
     assert check["n"] == 12 and check["methods"] == ["tcec"]
     assert check["naive_mse"] > 0 and check["corrected_mse"] < 0.05 * check["naive_mse"]
     assert check["gap_closed"] == pytest.approx(1 - check["corrected_mse"] / check["naive_mse"])
+    assert check["gap_closed_low"] <= check["gap_closed"] <= check["gap_closed_high"]
+    assert check["gap_closed_low"] > 0.5
     cfg, why = auto_config(with_validation(stats, check))
-    assert cfg.tcec and "closed" in why
+    assert cfg.tcec and "correcting" in why
+
+
+def test_gap_bootstrap_bounds():
+    from qcorrect.calibration.validate import gap_bootstrap
+    naive = torch.rand(200, generator=torch.Generator().manual_seed(0)) + 0.5
+    lo, hi = gap_bootstrap(naive * 0.7, naive)  # every sample 30% better: no spread at all
+    assert lo == pytest.approx(0.3) and hi == pytest.approx(0.3)
+    noise = torch.randn(200, generator=torch.Generator().manual_seed(1)) * 0.3
+    lo, hi = gap_bootstrap(naive * (1 + noise), naive)  # zero-mean change: bounds straddle 0
+    assert lo < 0 < hi
 
 
 def test_auto_falls_back_to_no_correction_when_the_check_shows_harm(synth, tmp_path):
@@ -51,7 +63,8 @@ def test_auto_falls_back_to_no_correction_when_the_check_shows_harm(synth, tmp_p
 def test_auto_without_a_check_or_with_another_methods_check_is_uncorrected(synth):
     stats, _ = _tcec_stats(synth, synth.q, n=8)
     assert not auto_config(stats)[0].any_enabled
-    fake = {"methods": ["ptqd"], "sampler": "euler", "n": 8, "naive_mse": 1.0, "corrected_mse": 0.5, "gap_closed": 0.5}
+    fake = {"methods": ["ptqd"], "sampler": "euler", "n": 8, "naive_mse": 1.0, "corrected_mse": 0.5, "gap_closed": 0.5,
+            "gap_closed_low": 0.4}
     cfg, why = auto_config(with_validation(stats, fake))
     assert not cfg.any_enabled and "not tcec" in why
 
