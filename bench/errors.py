@@ -105,12 +105,12 @@ def main(args) -> int:
                          "r2": float(p.r2.reshape(-1)[n]), "bias_abs_mean": float(p.bias[n].abs().mean()),
                          "sigma_q": float(p.sigma_q.reshape(-1)[n])})
         out["presets"][preset] = rows
-        if args.drift:
-            out.setdefault("drift", {})[preset] = _print_drift(ref, qd, rc, args)
         print(f"{preset}: ε-error per step (teacher-forced, {args.sampler}, {args.steps} steps, cfg {cfg}, seeds {args.seeds})")
         print_table(["step", "sigma", "k", "R²", "mean |μ_c|", "σ_q"],
                     [[r["step"], f"{r['sigma']:.3f}", f"{r['k']:.4f}", f"{r['r2']:.4f}",
                       f"{r['bias_abs_mean']:.4f}", f"{r['sigma_q']:.4f}"] for r in rows])
+        if args.drift:
+            out.setdefault("drift", {})[preset] = _print_drift(ref, qd, rc, args)
     if args.json:
         emit_json(out)
     return 0
