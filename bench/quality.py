@@ -176,7 +176,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seeds", default="1000-1255", help="evaluation seeds, e.g. 1000-1255 or 1,2,5-9")
     p.add_argument("--classes", default="0-9", help="class labels, cycled over the seeds")
     p.add_argument("--methods", default="none",
-                   help="comma-separated correction methods, 'all' (naive, each alone, combinations) or 'ablation'")
+                   help="comma-separated correction methods, 'all' (naive, each alone, combinations, the default 'auto') or 'ablation'")
     p.add_argument("--stats", default=None, help="a statistics file; without it, calibrate first on --calib-seeds")
     p.add_argument("--calib-seeds", default="0-127", help="calibration seeds (must not overlap --seeds)")
     p.add_argument("--calib-classes", default=None, help="calibration classes (default: --classes)")
