@@ -34,9 +34,10 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "ptqd_stepbaq": ({**_PTQD, **_SBQ}, True),
     "tac_ner_stepbaq": ({"tac_ner": True, **_SBQ}, True),
     "tcec_stepbaq": ({"tcec": True, **_SBQ}, True),
-    # the Corrected KSampler's default: TCEC, kept only if an end-to-end check on the calibration
-    # seeds shows it lowers the error (calibration/validate.py); otherwise uncorrected
-    "auto": ({"tcec": True}, True),
+    # the Corrected KSampler's default: AUTO_PREFERRED (TCEC), kept only if an end-to-end check on
+    # the calibration seeds shows it lowers the error (calibration/validate.py); otherwise uncorrected.
+    # Its engine comes from EngineConfig.preset(AUTO_PREFERRED), not from this table.
+    "auto": ({}, True),
     # StepbaQ ablation (Table 2 of the paper), cumulative
     "stepbaq_tia": (dict(stepbaq_tia=True), False),
     "stepbaq_tia_la": (dict(stepbaq_tia=True, stepbaq_la=True), False),
@@ -83,13 +84,14 @@ def calibrate_method(ref, qden, method: str, rc: RunConfig, seeds: list[int], cl
     if rc.sampler not in COLLECTOR_SAMPLERS and rc.sampler != "ddim":
         raise SystemExit(f"calibration steps {COLLECTOR_SAMPLERS} only; got sampler {rc.sampler!r}")
     kwargs, acc = METHODS[method]
+    engine = EngineConfig.preset(AUTO_PREFERRED) if method == "auto" else EngineConfig(**kwargs)
     sigmas = get_sigmas(rc.scheduler, ref.denoiser.sigmas, rc.steps)
     labels = labels_for(seeds, classes)
     noise = initial_noise(seeds, (4, 14, 14))
     t0 = time.perf_counter()
     stats = calibrate(
         ref.denoiser, qden, noise, sigmas, {"cond": labels, "cfg_scale": rc.cfg},
-        engine=EngineConfig(**kwargs),
+        engine=engine,
         config=CalibrationConfig(mode=mode, sampler="euler" if rc.sampler == "ddim" else rc.sampler,
                                  acc=acc, batch_size=rc.batch_size),
         grid_sigmas=ref.denoiser.sigmas,
@@ -99,7 +101,7 @@ def calibrate_method(ref, qden, method: str, rc: RunConfig, seeds: list[int], cl
     if method == "auto":  # the guard: sample the calibration seeds FP / naive / corrected and compare
         shape = tuple(noise.shape[1:])
         check = end_to_end_check(
-            ref.denoiser, qden, stats, EngineConfig.preset(AUTO_PREFERRED), SAMPLERS[rc.sampler],
+            ref.denoiser, qden, stats, engine, SAMPLERS[rc.sampler],
             start_latent(noise, sigmas, ref.denoiser.sigmas), sigmas, {"cond": labels, "cfg_scale": rc.cfg},
             sampler_name=rc.sampler, batch_size=rc.batch_size,
             noise_factory=lambda a, b: PerSampleNoise(seeds[a:b], shape))

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import torch
 
+from ..calibration.collect import slice_extra
 from ..calibration.ptqd import ptqd_params
 from ..quant import PRESETS
 from ..reference.model import load_reference
+from ..reference.schedules import get_sigmas
 from .common import emit_json, parse_presets, print_table, set_threads
 from .correct import calibrate_method
 from .pipeline import RunConfig, initial_noise, labels_for, parse_int_list, quantized_denoiser, start_latent
-from ..reference.schedules import get_sigmas
 
 
 @torch.no_grad()
@@ -52,31 +53,28 @@ def drift_decomposition(fp, q, sigmas, noise_cal, extra_cal, noise_eval, extra_e
     steps = sigmas.numel() - 1
 
     def batches(noise, extra):
-        for i in range(0, noise.shape[0], batch_size):
-            sl = slice(i, i + batch_size)
-            yield noise[sl], {k: (v[sl] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == noise.shape[0]
-                                  else v) for k, v in extra.items()}
+        n = noise.shape[0]
+        for i in range(0, n, batch_size):
+            sl = slice(i, min(i + batch_size, n))
+            yield sl, noise[sl], slice_extra(extra, sl, n)
 
     mean_pos = torch.zeros(steps, *noise_cal.shape[1:], dtype=torch.float64)
-    for x, ex in batches(noise_cal, extra_cal):
+    for _, x, ex in batches(noise_cal, extra_cal):
         for n, d, _ in _drift_run(fp, q, x, sigmas, ex):
             mean_pos[n] += d.double().sum(0)
     mean_pos /= noise_cal.shape[0]
     mean_ch = mean_pos.mean(dim=tuple(range(2, mean_pos.ndim)), keepdim=True)
     tot, left_ch, left_pos = (torch.zeros(steps, dtype=torch.float64) for _ in range(3))
-    tf_sum = torch.zeros_like(noise_eval, dtype=torch.float64)
-    final = None
-    for i, (x, ex) in enumerate(batches(noise_eval, extra_eval)):
-        acc = torch.zeros_like(x, dtype=torch.float64)
+    tf_sum = torch.zeros_like(noise_eval, dtype=torch.float64)  # Σ h·e per held-out sample
+    final = torch.zeros_like(tf_sum)  # the drift after the last step
+    for sl, x, ex in batches(noise_eval, extra_eval):
         for n, d, h_e in _drift_run(fp, q, x, sigmas, ex):
             d = d.double()
             tot[n] += d.pow(2).sum()
             left_ch[n] += (d - mean_ch[n]).pow(2).sum()
             left_pos[n] += (d - mean_pos[n]).pow(2).sum()
-            acc += h_e.double()
-            last = d
-        tf_sum[i * batch_size : i * batch_size + x.shape[0]] = acc
-        final = last if final is None else torch.cat([final, last])
+            tf_sum[sl] += h_e.double()
+        final[sl] = d
     rows = [{"step": n, "sigma_next": float(sigmas[n + 1]), "drift_mse": float(tot[n]) / noise_eval.numel(),
              "left_after_channel_mean": float(left_ch[n] / tot[n]) if tot[n] > 0 else 0.0,
              "left_after_position_mean": float(left_pos[n] / tot[n]) if tot[n] > 0 else 0.0} for n in range(steps)]

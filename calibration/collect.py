@@ -63,7 +63,7 @@ class CalibrationConfig:
     seed: int = 0
 
 
-def _slice_extra(extra: dict, sl: slice, n: int) -> dict:
+def slice_extra(extra: dict, sl: slice, n: int) -> dict:
     out = {}
     for k, v in extra.items():
         if isinstance(v, torch.Tensor) and v.ndim >= 1:
@@ -141,7 +141,7 @@ def calibrate(fp_model, q_model, noise: torch.Tensor, sigmas, extra_args: dict |
     bs = max(1, int(config.batch_size))
     chunks = [slice(i, min(i + bs, n_set)) for i in range(0, n_set, bs)]
     for sl in chunks[:1]:
-        _slice_extra(extra, sl, n_set)  # fail early on batch mismatch
+        slice_extra(extra, sl, n_set)  # fail early on batch mismatch
 
     q_cfg = dataclasses.replace(engine, ptqd_vsc=False, tcec_window=False)
     fp_cfg = EngineConfig(stepbaq_la=engine.stepbaq_la, stepbaq_tia=engine.stepbaq_tia, stepbaq_ssa=engine.stepbaq_ssa)
@@ -170,7 +170,7 @@ def calibrate(fp_model, q_model, noise: torch.Tensor, sigmas, extra_args: dict |
         d_q = torch.empty_like(noise) if need_q else None
         d_f = torch.empty_like(noise) if need_fp else None
         for sl in chunks:
-            ex = _slice_extra(extra, sl, n_set)
+            ex = slice_extra(extra, sl, n_set)
             sig = sched[n].expand(sl.stop - sl.start)
             same = ctx_q = None
             if need_q:

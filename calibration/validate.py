@@ -34,7 +34,7 @@ import dataclasses
 
 import torch
 
-from .collect import _slice_extra
+from .collect import slice_extra
 from .config import EngineConfig
 from .engine import CorrectionEngine
 from .errors import CalibrationError
@@ -85,7 +85,7 @@ def end_to_end_check(fp_model, q_model, stats, engine_cfg: EngineConfig, sample_
         for start in range(0, n, max(1, int(batch_size))):
             sl = slice(start, min(start + batch_size, n))
             x = x_init[sl]
-            ex = _slice_extra(extra, sl, n)
+            ex = slice_extra(extra, sl, n)
             ns = noise_for(sl.start, sl.stop, x.shape)
             if corrected:
                 out.append(engine.sample(sample_fn, model, x, sigmas, ex, None, True, sampler_name=sampler_name,
