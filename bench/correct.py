@@ -14,7 +14,7 @@ import torch
 
 from ..calibration import CalibrationConfig, CorrectionEngine, CorrectionStats, EngineConfig, calibrate, model_fingerprint
 from ..calibration.collect import COLLECTOR_SAMPLERS
-from ..calibration.validate import AUTO_PREFERRED, auto_config, end_to_end_check, with_validation
+from ..calibration.validate import AUTO_PREFERRED, auto_config, calibrate_checked
 from ..reference.samplers import SAMPLERS
 from ..reference.schedules import get_sigmas
 from .pipeline import PerSampleNoise, RunConfig, initial_noise, labels_for, start_latent
@@ -34,8 +34,8 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "ptqd_stepbaq": ({**_PTQD, **_SBQ}, True),
     "tac_ner_stepbaq": ({"tac_ner": True, **_SBQ}, True),
     "tcec_stepbaq": ({"tcec": True, **_SBQ}, True),
-    # the Corrected KSampler's default: AUTO_PREFERRED (TCEC), kept only if an end-to-end check on
-    # the calibration seeds shows it lowers the error (calibration/validate.py); otherwise uncorrected.
+    # the Corrected KSampler's default: AUTO_PREFERRED (TCEC), kept only if a cross-fitted end-to-end
+    # check on the calibration seeds shows it lowers the error (calibration/validate.py); otherwise uncorrected.
     # Its engine comes from EngineConfig.preset(AUTO_PREFERRED), not from this table.
     "auto": ({}, True),
     # StepbaQ ablation (Table 2 of the paper), cumulative
@@ -47,11 +47,13 @@ ALONE = ["ptqd", "tac_ner", "tac", "tcec", "stepbaq"]
 COMBOS = ["ptqd_ibc", "ptqd_stepbaq", "tac_ner_stepbaq", "tcec_stepbaq"]
 ABLATION = ["none", "stepbaq_tia", "stepbaq_tia_la", "stepbaq_tia_la_ssa", "stepbaq"]
 BEST = "ptqd_stepbaq"
-#: what the demo (and later the Corrected KSampler) uses: "auto" = TCEC guarded by an end-to-end
-#: check on the calibration seeds. On the reference model's W4A8 no method closes the gap
+#: what the demo (and later the Corrected KSampler) uses: "auto" = TCEC guarded by a cross-fitted
+#: end-to-end check on the calibration seeds. On the reference model's W4A8 no method closes the gap
 #: (docs/BENCHMARKS.md); TCEC is the least harmful, and the guard makes the default fall back to
-#: uncorrected sampling where the check shows no gain, so it is never worse on calibration data.
+#: uncorrected sampling where the check shows no gain on calibration samples held out from the fit.
 DEFAULT_METHOD = "auto"
+#: folds of auto's cross-fitted check (calibration/validate.py)
+AUTO_FOLDS = 4
 
 
 def expand_methods(text: str, samplers: list[str]) -> list[str]:
@@ -88,24 +90,22 @@ def calibrate_method(ref, qden, method: str, rc: RunConfig, seeds: list[int], cl
     sigmas = get_sigmas(rc.scheduler, ref.denoiser.sigmas, rc.steps)
     labels = labels_for(seeds, classes)
     noise = initial_noise(seeds, (4, 14, 14))
+    calib_cfg = CalibrationConfig(mode=mode, sampler="euler" if rc.sampler == "ddim" else rc.sampler, acc=acc,
+                                  batch_size=rc.batch_size)
+    meta = {"model_fingerprint": model_fingerprint(ref.denoiser.unet), "quantization": quantization,
+            "scheduler": rc.scheduler}
+    cond = {"cond": labels, "cfg_scale": rc.cfg}
     t0 = time.perf_counter()
-    stats = calibrate(
-        ref.denoiser, qden, noise, sigmas, {"cond": labels, "cfg_scale": rc.cfg},
-        engine=engine,
-        config=CalibrationConfig(mode=mode, sampler="euler" if rc.sampler == "ddim" else rc.sampler,
-                                 acc=acc, batch_size=rc.batch_size),
-        grid_sigmas=ref.denoiser.sigmas,
-        meta={"model_fingerprint": model_fingerprint(ref.denoiser.unet), "quantization": quantization,
-              "scheduler": rc.scheduler},
-    )
-    if method == "auto":  # the guard: sample the calibration seeds FP / naive / corrected and compare
+    if method == "auto":  # the guard: calibrate in folds, sample each fold FP / naive / corrected-by-the-others
         shape = tuple(noise.shape[1:])
-        check = end_to_end_check(
-            ref.denoiser, qden, stats, engine, SAMPLERS[rc.sampler],
-            start_latent(noise, sigmas, ref.denoiser.sigmas), sigmas, {"cond": labels, "cfg_scale": rc.cfg},
-            sampler_name=rc.sampler, batch_size=rc.batch_size,
-            noise_factory=lambda a, b: PerSampleNoise(seeds[a:b], shape))
-        stats = with_validation(stats, check)
+        stats = calibrate_checked(
+            ref.denoiser, qden, noise, sigmas, cond, engine=engine, sample_fn=SAMPLERS[rc.sampler],
+            sampler_name=rc.sampler, x_init=start_latent(noise, sigmas, ref.denoiser.sigmas), folds=AUTO_FOLDS,
+            noise_factory=lambda a, b: PerSampleNoise(seeds[a:b], shape), config=calib_cfg,
+            grid_sigmas=ref.denoiser.sigmas, meta=meta)
+    else:
+        stats = calibrate(ref.denoiser, qden, noise, sigmas, cond, engine=engine, config=calib_cfg,
+                          grid_sigmas=ref.denoiser.sigmas, meta=meta)
     return stats, time.perf_counter() - t0
 
 

@@ -11,21 +11,26 @@ latent MSE of both quantized runs against FP and the share of the naive gap the 
 ``1 − MSE(corrected)/MSE(naive)``. Run it on calibration samples only (never on evaluation seeds);
 the result is stored in ``stats.meta.validation`` and travels with the statistics file.
 
+:func:`calibrate_checked` is how a checked calibration is made: the calibration set is split into
+``folds`` contiguous folds, each fold is calibrated on its own (the sums are mergeable, so this
+costs the same as one calibration), and each fold is then sampled with the statistics of the
+*other* folds (cross-fitting). The statistics returned are the merge of all folds (sums add: the
+same estimator as one calibration of the whole set; in progressive mode each fold's trajectory was
+corrected with its own earlier rows, a small difference) with the cross-fitted check attached.
+
 :func:`auto_config` is the Corrected KSampler's default ("auto"): the preferred correction
 (TCEC, the least harmful method on the reference model's measured samplers) when the stored check
 shows it lowers the error, otherwise no correction. Choices (ALGORITHMS.md is silent on this):
 
 * "shows" means the one-sided 95% lower bound of the gap closed — a paired bootstrap over the
-  check's samples, 2000 resamples, fixed seed — is above ``min_gain`` (default 0). A point estimate
-  is not enough: the check runs on the samples the statistics were fitted on, so it is optimistic,
-  and on the reference model an in-sample +1.8% point estimate (64 samples, static W4A8) came with
-  −8.9% on held-out seeds (docs/BENCHMARKS.md).
+  check's samples, 2000 resamples, fixed seed — is above ``min_gain`` (default 0), *and* the check
+  is held out (cross-fitted, ≥ 2 folds). Measured on the reference model (docs/BENCHMARKS.md), an
+  in-sample check is optimistic: on static W4A8 an in-sample +1.8% came with −8.9% on held-out
+  seeds, and on W8A8 euler_ancestral an in-sample +84.6% (lower bound +11.7%) came with −19.4%.
+  A stored in-sample check is therefore reported but not trusted.
 * A missing check counts as "not shown to help".
-
-Known limit (measured, docs/BENCHMARKS.md): the rule is still optimistic when per-sample errors are
-heavy-tailed and the gap is tiny. On W8A8 euler_ancestral the check gave +84.6% (lower bound
-+11.7%) on the 64 calibration samples, and TCEC then gave −19.4% [−65.2, +7.2] on held-out seeds.
-Checking on calibration samples the statistics were *not* fitted on (a split) is the next step.
+* Four folds by default: each fold's statistics still see 3/4 of the set, and every calibration
+  sample is judged once with statistics that never saw it.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import dataclasses
 
 import torch
 
-from .collect import slice_extra
+from .collect import CalibrationConfig, calibrate, slice_extra
 from .config import EngineConfig
 from .engine import CorrectionEngine
 from .errors import CalibrationError
@@ -56,6 +61,27 @@ def gap_bootstrap(mse_corrected: torch.Tensor, mse_naive: torch.Tensor, n_boot: 
     return lo, hi
 
 
+def fold_slices(n: int, folds: int) -> list[slice]:
+    """``folds`` contiguous, near-equal, non-empty slices covering ``range(n)``."""
+    k = max(1, min(int(folds), int(n)))
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+def leave_one_out(fold_stats: list) -> list:
+    """For each fold, the merge of every *other* fold's statistics (needs ≥ 2 folds)."""
+    if len(fold_stats) < 2:
+        raise CalibrationError("cross-fitting needs at least two folds")
+    out = []
+    for k in range(len(fold_stats)):
+        rest = [s for i, s in enumerate(fold_stats) if i != k]
+        merged = rest[0]
+        for s in rest[1:]:
+            merged = merged.merge(s)
+        out.append(merged)
+    return out
+
+
 @torch.no_grad()
 def end_to_end_check(fp_model, q_model, stats, engine_cfg: EngineConfig, sample_fn, x_init: torch.Tensor, sigmas,
                      extra_args: dict | None = None, *, sampler_name: str, noise_factory=None, batch_size: int = 16,
@@ -67,12 +93,27 @@ def end_to_end_check(fp_model, q_model, stats, engine_cfg: EngineConfig, sample_
     fresh ``noise_sampler(σ, σ_next)`` for samples ``start:stop`` — called once per run so the three
     runs see the same draws. Without it, ancestral noise comes from a generator seeded with
     ``seed + start`` (the same for the three runs).
+
+    ``stats`` is either one :class:`CorrectionStats` (an *in-sample* check when it was fitted on
+    these latents; ``folds`` = 1 in the result) or a list of per-fold statistics, fold k fitted on
+    the next ``meta.n_samples`` latents of ``x_init`` in order: then fold k is corrected with the
+    merge of the other folds (a cross-fitted, held-out check; ``folds`` = K).
     """
     if x_init is None or x_init.ndim < 3 or x_init.shape[0] == 0:
         raise CalibrationError("the end-to-end check needs at least one starting latent [N ≥ 1, C, H, W]")
     n = x_init.shape[0]
     extra = dict(extra_args or {})
-    engine = CorrectionEngine(stats, engine_cfg)
+    bs = max(1, int(batch_size))
+    if isinstance(stats, (list, tuple)):
+        sizes = [int(s.meta.n_samples) for s in stats]
+        if sum(sizes) != n or min(sizes, default=0) < 1:
+            raise CalibrationError(f"the folds were calibrated on {sizes} samples (sum {sum(sizes)}) but the check "
+                                   f"has {n} starting latents; give the latents in fold order")
+        starts = [sum(sizes[:k]) for k in range(len(sizes))]
+        segments = [(slice(a, a + m), CorrectionEngine(s, engine_cfg))
+                    for a, m, s in zip(starts, sizes, leave_one_out(list(stats)))]
+    else:
+        segments = [(slice(0, n), CorrectionEngine(stats, engine_cfg))]
 
     def noise_for(start, stop, shape):
         if noise_factory is not None:
@@ -82,16 +123,17 @@ def end_to_end_check(fp_model, q_model, stats, engine_cfg: EngineConfig, sample_
 
     def run(model, corrected: bool) -> torch.Tensor:
         out = []
-        for start in range(0, n, max(1, int(batch_size))):
-            sl = slice(start, min(start + batch_size, n))
-            x = x_init[sl]
-            ex = slice_extra(extra, sl, n)
-            ns = noise_for(sl.start, sl.stop, x.shape)
-            if corrected:
-                out.append(engine.sample(sample_fn, model, x, sigmas, ex, None, True, sampler_name=sampler_name,
-                                         noise_sampler=ns))
-            else:
-                out.append(sample_fn(model, x, sigmas, ex, None, True, noise_sampler=ns))
+        for seg, engine in segments:
+            for start in range(seg.start, seg.stop, bs):
+                sl = slice(start, min(start + bs, seg.stop))
+                x = x_init[sl]
+                ex = slice_extra(extra, sl, n)
+                ns = noise_for(sl.start, sl.stop, x.shape)
+                if corrected:
+                    out.append(engine.sample(sample_fn, model, x, sigmas, ex, None, True, sampler_name=sampler_name,
+                                             noise_sampler=ns))
+                else:
+                    out.append(sample_fn(model, x, sigmas, ex, None, True, noise_sampler=ns))
         return torch.cat(out)
 
     fp = run(fp_model, False)
@@ -104,9 +146,44 @@ def end_to_end_check(fp_model, q_model, stats, engine_cfg: EngineConfig, sample_
         raise CalibrationError("the end-to-end check produced NaN/inf latents; check the model and the statistics")
     gap = 1.0 - mse_corr / mse_naive if mse_naive > 0 else 0.0
     low, high = gap_bootstrap(per_corr, per_naive, seed=seed)
-    return {"methods": list(engine_cfg.methods()), "sampler": sampler_name, "n": int(n),
+    return {"methods": list(engine_cfg.methods()), "sampler": sampler_name, "n": int(n), "folds": len(segments),
             "naive_mse": mse_naive, "corrected_mse": mse_corr, "gap_closed": gap,
             "gap_closed_low": low, "gap_closed_high": high}
+
+
+@torch.no_grad()
+def calibrate_checked(fp_model, q_model, noise: torch.Tensor, sigmas, extra_args: dict | None = None, *,
+                      engine: EngineConfig, sample_fn, sampler_name: str, x_init: torch.Tensor | None = None,
+                      folds: int = 4, noise_factory=None, config=None, grid_sigmas=None, meta: dict | None = None,
+                      progress=None, check_batch_size: int | None = None):
+    """Calibrate ``engine`` fold by fold and attach a cross-fitted end-to-end check.
+
+    Arguments as :func:`~qcorrect.calibration.collect.calibrate` (``noise`` the calibration set's
+    standard-normal noise) and :func:`end_to_end_check` (``x_init`` the starting latents the sampler
+    sees, default ``noise·σ_0``; ``noise_factory`` the ancestral draws). ``progress(done, total)``
+    counts calibration steps over all folds. With fewer than two samples the check is in-sample.
+    Returns the merged statistics, carrying the check in ``meta.validation``.
+    """
+    if noise is None or noise.ndim < 3 or noise.shape[0] == 0:
+        raise CalibrationError("the calibration set is empty: give at least one noise sample [N ≥ 1, C, H, W]")
+    n = noise.shape[0]
+    config = config or CalibrationConfig()
+    extra = dict(extra_args or {})
+    slices = fold_slices(n, folds)
+    steps = len(sigmas) - 1
+    fold_stats = []
+    for k, sl in enumerate(slices):
+        tick = None if progress is None else (lambda i, tot, k=k: progress(k * steps + i, len(slices) * steps))
+        fold_stats.append(calibrate(fp_model, q_model, noise[sl], sigmas, slice_extra(extra, sl, n), engine=engine,
+                                    config=config, grid_sigmas=grid_sigmas, meta=meta, progress=tick))
+    merged = fold_stats[0]
+    for s in fold_stats[1:]:
+        merged = merged.merge(s)
+    x0 = noise * torch.as_tensor(sigmas, dtype=noise.dtype)[0] if x_init is None else x_init
+    check = end_to_end_check(fp_model, q_model, fold_stats if len(fold_stats) > 1 else merged, engine, sample_fn, x0,
+                             sigmas, extra, sampler_name=sampler_name, noise_factory=noise_factory,
+                             batch_size=check_batch_size or config.batch_size, seed=config.seed)
+    return with_validation(merged, check)
 
 
 def with_validation(stats, check: dict):
@@ -128,8 +205,12 @@ def auto_config(stats, preferred: str = AUTO_PREFERRED, min_gain: float = 0.0) -
                                 "uncorrected")
     gain = float(check.get("gap_closed", 0.0))
     low = float(check.get("gap_closed_low", float("-inf")))
-    told = (f"{preferred} closed {100 * gain:+.1f}% of the naive gap (95% lower bound {100 * low:+.1f}%) on "
-            f"{check.get('n')} calibration samples")
+    folds = int(check.get("folds", 1))
+    where = (f"{check.get('n')} calibration samples, each corrected with statistics fitted without it ({folds} folds)"
+             if folds >= 2 else f"the {check.get('n')} calibration samples the statistics were fitted on")
+    told = f"{preferred} closed {100 * gain:+.1f}% of the naive gap (95% lower bound {100 * low:+.1f}%) on {where}"
+    if folds < 2:
+        return EngineConfig(), f"auto: {told}: an in-sample check is not trusted (re-calibrate); sampling uncorrected"
     if low > min_gain:
         return want, f"auto: {told}; correcting"
     return EngineConfig(), f"auto: {told}: no gain shown; sampling uncorrected"

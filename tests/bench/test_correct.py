@@ -20,13 +20,17 @@ def test_auto_follows_the_stored_end_to_end_check():
     with pytest.raises(ValueError, match="statistics"):
         engine_config("auto")
     assert not engine_config("auto", stats).any_enabled  # no check stored: uncorrected
-    good = with_validation(stats, {"methods": ["tcec"], "n": 64, "gap_closed": 0.05, "gap_closed_low": 0.01})
+    good = with_validation(stats, {"methods": ["tcec"], "n": 64, "folds": 4, "gap_closed": 0.05, "gap_closed_low": 0.01})
     assert engine_config("auto", good).tcec
-    bad = with_validation(stats, {"methods": ["tcec"], "n": 64, "gap_closed": -0.01, "gap_closed_low": -0.05})
+    bad = with_validation(stats, {"methods": ["tcec"], "n": 64, "folds": 4, "gap_closed": -0.01, "gap_closed_low": -0.05})
     assert not engine_config("auto", bad).any_enabled
     # a positive point estimate whose lower bound is not above zero is not a shown gain
-    noisy = with_validation(stats, {"methods": ["tcec"], "n": 64, "gap_closed": 0.018, "gap_closed_low": -0.04})
+    noisy = with_validation(stats, {"methods": ["tcec"], "n": 64, "folds": 4, "gap_closed": 0.018, "gap_closed_low": -0.04})
     assert not engine_config("auto", noisy).any_enabled
+    # the same good numbers from an in-sample check (statistics fitted on the checked samples) are not trusted
+    in_sample = with_validation(stats, {"methods": ["tcec"], "n": 64, "folds": 1, "gap_closed": 0.05,
+                                        "gap_closed_low": 0.01})
+    assert not engine_config("auto", in_sample).any_enabled
 
 
 def test_all_and_ablation_expansions():
