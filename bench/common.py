@@ -49,3 +49,20 @@ def parse_presets(text: str) -> list[str]:
     if unknown or not presets:
         raise SystemExit(f"unknown preset(s) {unknown or text!r}; known: {', '.join(PRESETS)}")
     return presets
+
+
+def quant_plan(name: str, weights: str | None = None, **overrides):
+    """Preset ``name`` with its weight type replaced by ``weights`` (e.g. ``uint4``: per-channel int4)."""
+    from ..quant import PRESETS, QuantizationError, preset
+
+    if weights:
+        overrides["weights"] = weights
+    try:
+        return preset(name, **overrides) if overrides else PRESETS[name]
+    except QuantizationError as e:
+        raise SystemExit(str(e)) from None
+
+
+def quant_label(name: str, weights: str | None = None) -> str:
+    """How results and statistics name a preset, with its weight override if any."""
+    return f"{name}[{weights}]" if weights else name

@@ -20,10 +20,9 @@ import torch
 
 from ..calibration.collect import slice_extra
 from ..calibration.ptqd import ptqd_params
-from ..quant import PRESETS
 from ..reference.model import load_reference
 from ..reference.schedules import get_sigmas
-from .common import emit_json, parse_presets, print_table, set_threads
+from .common import emit_json, parse_presets, print_table, quant_label, quant_plan, set_threads
 from .correct import calibrate_method
 from .pipeline import RunConfig, initial_noise, labels_for, parse_int_list, quantized_denoiser, start_latent
 
@@ -91,10 +90,11 @@ def main(args) -> int:
     cfg = ref.default_cfg if args.cfg is None else args.cfg
     out = {"cfg": cfg, "seeds": args.seeds, "sampler": args.sampler, "steps": args.steps, "presets": {}}
     for preset in parse_presets(args.preset):
-        qd = quantized_denoiser(ref.denoiser, PRESETS[preset])
+        qd = quantized_denoiser(ref.denoiser, quant_plan(preset, args.weights))
+        label = quant_label(preset, args.weights)
         rc = RunConfig(args.sampler, args.scheduler, args.steps, cfg, args.batch).validate()
         stats, _ = calibrate_method(ref, qd, "ptqd", rc, parse_int_list(args.seeds), parse_int_list(args.classes),
-                                    preset, mode="teacher_forced")
+                                    label, mode="teacher_forced")
         p = ptqd_params(stats)
         sig = stats.sigma
         rows = []
@@ -102,13 +102,13 @@ def main(args) -> int:
             rows.append({"step": n, "sigma": float(sig[n]), "k": float(p.k.reshape(-1)[n]),
                          "r2": float(p.r2.reshape(-1)[n]), "bias_abs_mean": float(p.bias[n].abs().mean()),
                          "sigma_q": float(p.sigma_q.reshape(-1)[n])})
-        out["presets"][preset] = rows
-        print(f"{preset}: ε-error per step (teacher-forced, {args.sampler}, {args.steps} steps, cfg {cfg}, seeds {args.seeds})")
+        out["presets"][label] = rows
+        print(f"{label}: ε-error per step (teacher-forced, {args.sampler}, {args.steps} steps, cfg {cfg}, seeds {args.seeds})")
         print_table(["step", "sigma", "k", "R²", "mean |μ_c|", "σ_q"],
                     [[r["step"], f"{r['sigma']:.3f}", f"{r['k']:.4f}", f"{r['r2']:.4f}",
                       f"{r['bias_abs_mean']:.4f}", f"{r['sigma_q']:.4f}"] for r in rows])
         if args.drift:
-            out.setdefault("drift", {})[preset] = _print_drift(ref, qd, rc, args)
+            out.setdefault("drift", {})[label] = _print_drift(ref, qd, rc, args)
     if args.json:
         emit_json(out)
     return 0
@@ -147,6 +147,7 @@ def add_parser(sub) -> None:
     p.add_argument("--cfg", type=float, default=None)
     p.add_argument("--seeds", default="0-31")
     p.add_argument("--classes", default="0-9")
+    p.add_argument("--weights", default=None, help="replace the presets' weight type (e.g. uint4 = per-channel int4)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--drift", action="store_true",
                    help="also decompose the naive end-to-end drift on --holdout-seeds (euler)")

@@ -18,9 +18,8 @@ import time
 
 from ..calibration import CorrectionStats
 from ..evaluation import paired_bootstrap_ci
-from ..quant import PRESETS, preset
 from ..reference.model import load_reference
-from .common import emit_json, parse_presets, print_table, set_threads
+from .common import emit_json, parse_presets, print_table, quant_label, quant_plan, set_threads
 from .correct import auto_reason, calibrate_method, check_disjoint, corrected_sampler, expand_methods, plain_cost
 from .pipeline import (
     RunConfig, calibrate_static_ranges, decode, labels_for, parse_int_list, per_sample_metrics, quantized_denoiser,
@@ -34,7 +33,7 @@ def _ci(ci) -> dict:
 
 def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=None, batch_size=64, log=print,
         keep_images=False, methods=("none",), stats_path=None, calib_seeds=None, calib_classes=None,
-        calib_steps=None, calib_mode="progressive", measure_calib_cost=True, act_static=None):
+        calib_steps=None, calib_mode="progressive", measure_calib_cost=True, act_static=None, weights=None):
     ref = load_reference()
     cfg_scale = ref.default_cfg if cfg is None else cfg
     labels = labels_for(seeds, classes)
@@ -50,13 +49,13 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
             raise SystemExit("--act-static needs --calib-seeds (the activation ranges are calibrated on them)")
         qmodels = {}
         for p in presets:
-            qmodels[p] = quantized_denoiser(ref.denoiser, preset(p, act_mode="static"))
+            qmodels[p] = quantized_denoiser(ref.denoiser, quant_plan(p, weights, act_mode="static"))
             rc_obs = RunConfig(samplers[0], scheduler, calib_steps or steps, cfg_scale, batch_size).validate()
             n = calibrate_static_ranges(qmodels[p], rc_obs, calib_seeds, labels_for(calib_seeds, calib_classes or classes),
                                         grid, act_static)
             log(f"# {p}: static activation ranges ({act_static}) for {n} layers from seeds {_span(calib_seeds)}")
     else:
-        qmodels = {p: quantized_denoiser(ref.denoiser, PRESETS[p]) for p in presets}
+        qmodels = {p: quantized_denoiser(ref.denoiser, quant_plan(p, weights)) for p in presets}
     loaded = CorrectionStats.load(stats_path) if stats_path else None
     rows, images = [], {}
     for sampler in samplers:
@@ -73,14 +72,14 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
         for p in presets:
             naive, plain_cal = None, None
             for method in methods:
-                row = {"config": p, "method": method, "sampler": sampler}
+                row = {"config": quant_label(p, weights), "method": method, "sampler": sampler}
                 fn = None
                 if method != "none":
                     if loaded is not None:
                         stats = loaded
                     else:
                         stats, secs = calibrate_method(ref, qmodels[p], method, rc_cal, calib_seeds,
-                                                       calib_classes or classes, p, calib_mode)
+                                                       calib_classes or classes, quant_label(p, weights), calib_mode)
                         if measure_calib_cost and plain_cal is None:  # the yardstick: sampling the calibration set with both models
                             plain_cal = plain_cost(ref, qmodels[p], rc_cal, calib_seeds, calib_classes or classes,
                                                    sample_latents)
@@ -107,6 +106,7 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
                 rows.append(row)
                 log(f"# {sampler}: {p} {method} sampled in {row['seconds']} s")
     res = {"scheduler": scheduler, "steps": steps, "cfg": cfg_scale, "n": len(seeds), "act_static": act_static,
+           "weights": weights,
            "seeds": _span(seeds), "classes": classes, "rows": rows,
            "calibration": None if calib_seeds is None or stats_path or methods == ["none"] else
            {"seeds": _span(calib_seeds), "classes": calib_classes or classes, "steps": calib_steps or steps,
@@ -159,7 +159,8 @@ def main(args) -> int:
     res = run(presets, samplers, parse_int_list(args.seeds), parse_int_list(args.classes), args.scheduler,
               args.steps, args.cfg, args.batch, methods=methods, stats_path=args.stats, calib_seeds=calib_seeds,
               calib_classes=parse_int_list(args.calib_classes) if args.calib_classes else None,
-              calib_steps=args.calib_steps, calib_mode=args.calib_mode, act_static=args.act_static)
+              calib_steps=args.calib_steps, calib_mode=args.calib_mode, act_static=args.act_static,
+              weights=args.weights)
     print_result(res)
     if args.json:
         emit_json(res)
@@ -185,6 +186,8 @@ def add_parser(sub) -> None:
     p.add_argument("--act-static", default=None, choices=["minmax", "percentile", "mse"],
                    help="static per-σ activation ranges (Q-Diffusion/PCR style) calibrated on --calib-seeds with this "
                         "estimator, instead of the presets' dynamic per-sample ranges")
+    p.add_argument("--weights", default=None,
+                   help="replace the presets' weight type (e.g. uint4 = per-channel int4; default: the preset's)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")

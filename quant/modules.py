@@ -39,6 +39,11 @@ class _QuantLayer(nn.Module):
                 f"layer {layer!r}: group size {qt.group_size} does not divide its input size {k} "
                 f"(weight shape {tuple(weight_shape)}); choose another group size or exclude the layer"
             )
+        if qt.packed and k % 2:
+            raise QuantizationError(
+                f"layer {layer!r}: int4 codes are packed two per byte, and its input size {k} is odd "
+                f"(weight shape {tuple(weight_shape)}); exclude the layer or keep it at 8 bits"
+            )
         for name, (shape, dtype) in storage_shapes(qt, out, k).items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
         if bias is None:

@@ -56,7 +56,11 @@ class QType:
 
 
 def _weight_types() -> dict[str, QType]:
-    types = {"int8": QType("int8", WEIGHT, 8, PER_CHANNEL, True)}
+    types = {"int8": QType("int8", WEIGHT, 8, PER_CHANNEL, True),
+             # per-output-channel int4 (one scale per row), the granularity of Q-Diffusion's and
+             # PTQD's W4 results; coarser than the group types, so a larger error
+             "int4": QType("int4", WEIGHT, 4, PER_CHANNEL, True),
+             "uint4": QType("uint4", WEIGHT, 4, PER_CHANNEL, False)}
     for g in GROUP_SIZES:
         types[f"int4_g{g}"] = QType(f"int4_g{g}", WEIGHT, 4, PER_GROUP, True, g)
         types[f"uint4_g{g}"] = QType(f"uint4_g{g}", WEIGHT, 4, PER_GROUP, False, g)
@@ -75,7 +79,7 @@ QTYPES: dict[str, QType] = {**_weight_types(), **_activation_types()}
 
 
 def qtype(name: str | QType) -> QType:
-    """Look a type up by name (``"int8"``, ``"int4_g64"``, ``"uint4_g128"``, ``"a8"``, ``"a10_asym"`` …)."""
+    """Look a type up by name (``"int8"``, ``"uint4"``, ``"int4_g64"``, ``"uint4_g128"``, ``"a8"``, ``"a10_asym"`` …)."""
     if isinstance(name, QType):
         return name
     try:

@@ -7,6 +7,8 @@ Storage (ALGORITHMS.md §1 for the per-channel convention):
   ``K = in/groups·kh·kw``), codes packed two per byte into uint8 ``[out, K/2]`` (element ``2j`` in
   the low nibble, ``2j+1`` in the high one), scale fp16 ``[out, K/G]``; the asymmetric form adds an
   integer zero point stored as fp16 ``[out, K/G]`` so that ``w ≈ (q − zero)·scale``.
+* ``int4`` / ``uint4``: the same packed storage with one group per output channel (``G = K``,
+  scale and zero ``[out, 1]``); ``K`` must be even to pack.
 
 Scales are rounded to fp16 *before* the codes are computed, so the stored (codes, scale) pair is
 the one the rounding was done for.
@@ -37,6 +39,11 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
+def _group(qt: QType, k: int) -> int:
+    """Elements per scale: the whole row for per-channel types, else the type's group size."""
+    return k if qt.granularity == PER_CHANNEL else qt.group_size
+
+
 def _grouped(w2d: torch.Tensor, group: int) -> torch.Tensor:
     out, k = w2d.shape
     return w2d.reshape(out, k // group, group)
@@ -48,11 +55,16 @@ def quantize_weight(weight: torch.Tensor, qt: QType, layer: str = "?") -> dict[s
         raise QuantizationError(f"layer {layer!r}: weight has NaN or inf values; refusing to quantize")
     w = weight.detach().float().reshape(weight.shape[0], -1)
     out, k = w.shape
-    if qt.granularity == PER_CHANNEL:
+    if not qt.packed:
         scale = (w.abs().amax(dim=1, keepdim=True) / qt.qmax).clamp_min(_FP16_TINY).half()
         q = torch.round(w / scale.float()).clamp_(qt.qmin, qt.qmax).to(torch.int8)
         return {"qweight": q, "scale": scale}
-    group = qt.group_size
+    group = _group(qt, k)
+    if k % 2:
+        raise QuantizationError(
+            f"layer {layer!r}: int4 codes are packed two per byte, and its input size {k} is odd "
+            f"(weight shape {tuple(weight.shape)}); exclude the layer or keep it at 8 bits"
+        )
     if k % group:
         raise QuantizationError(
             f"layer {layer!r}: group size {group} does not divide its input size {k} "
@@ -81,11 +93,12 @@ def dequantize_weight(
     """Rebuild the weight of ``shape`` in ``dtype`` from its quantized storage."""
     q = storage["qweight"]
     scale = storage["scale"]
-    if qt.granularity == PER_CHANNEL:
+    if not qt.packed:
         return (q.to(dtype) * scale.to(dtype)).reshape(shape)
     codes = unpack_int4(q).to(dtype)
     out, k = codes.shape
-    g = codes.reshape(out, k // qt.group_size, qt.group_size)
+    group = _group(qt, k)
+    g = codes.reshape(out, k // group, group)
     offset = storage["zero"] if not qt.symmetric else None
     if offset is None:
         g = g + qt.qmin
@@ -96,12 +109,13 @@ def dequantize_weight(
 
 def storage_shapes(qt: QType, out: int, k: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shapes and dtypes of the storage tensors, to rebuild empty modules before loading a file."""
-    if qt.granularity == PER_CHANNEL:
+    if not qt.packed:
         return {"qweight": ((out, k), torch.int8), "scale": ((out, 1), torch.float16)}
+    groups = k // _group(qt, k)
     shapes = {
         "qweight": ((out, k // 2), torch.uint8),
-        "scale": ((out, k // qt.group_size), torch.float16),
+        "scale": ((out, groups), torch.float16),
     }
     if not qt.symmetric:
-        shapes["zero"] = ((out, k // qt.group_size), torch.float16)
+        shapes["zero"] = ((out, groups), torch.float16)
     return shapes

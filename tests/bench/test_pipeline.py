@@ -1,3 +1,4 @@
+import copy
 import zlib
 
 import pytest
@@ -112,3 +113,24 @@ def test_static_activation_ranges_are_calibrated_per_sigma_on_the_given_seeds():
     dyn = quantized_denoiser(ref.denoiser, preset("W4A8"))
     out_dyn = sample_latents(dyn, rc, [1000], labels_for([1000], [3]), ref.denoiser.sigmas)
     assert torch.isfinite(out).all() and not torch.equal(out, out_dyn)
+
+
+def test_weight_override_quantizes_per_channel_int4():
+    from qcorrect.bench.common import quant_label, quant_plan
+
+    plan = quant_plan("W4A8", "uint4")
+    assert plan.weights == "uint4" and plan.activations == quant_plan("W4A8").activations
+    assert quant_label("W4A8", "uint4") == "W4A8[uint4]" and quant_label("W4A8") == "W4A8"
+    with pytest.raises(SystemExit, match="unknown quantized type"):
+        quant_plan("W4A8", "int3")
+    net = nn.Sequential(nn.Linear(128, 64), nn.SiLU(), nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 8))
+    x = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
+    ref = net(x)
+    outs = {}
+    for w in ("uint4_g64", "uint4"):
+        q = quantize_model(copy.deepcopy(net), quant_plan("W4A16", w))
+        assert any(getattr(m, "wqtype", None) is not None and m.wqtype.name == w for m in q.modules())
+        outs[w] = q(x)
+        rel = float((outs[w] - ref).pow(2).mean() / ref.pow(2).mean())
+        assert 0 < rel < 0.05  # a real 4-bit error, not a broken layer
+    assert not torch.equal(outs["uint4_g64"], outs["uint4"])

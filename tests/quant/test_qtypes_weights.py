@@ -9,7 +9,8 @@ WEIGHT_TYPES = [n for n, t in QTYPES.items() if t.kind == WEIGHT]
 
 
 def test_registry_names_and_ranges():
-    assert set(WEIGHT_TYPES) == {"int8", "int4_g64", "int4_g128", "uint4_g64", "uint4_g128"}
+    assert set(WEIGHT_TYPES) == {"int8", "int4", "uint4", "int4_g64", "int4_g128", "uint4_g64", "uint4_g128"}
+    assert qtype("uint4").packed and qtype("uint4").granularity == qtype("int8").granularity
     assert (qtype("int8").qmin, qtype("int8").qmax) == (-127, 127)
     assert (qtype("uint4_g64").qmin, qtype("uint4_g64").qmax) == (0, 15)
     assert (qtype("int4_g128").qmin, qtype("int4_g128").qmax) == (-7, 7)
@@ -62,6 +63,7 @@ def test_weight_round_trip_error_bound(name, shape):
     if qt.group_size:
         per_elem = scale.repeat_interleave(qt.group_size, dim=1).reshape(w.shape)
     else:
+        assert scale.shape == (shape[0], 1)
         per_elem = scale.expand(shape[0], w[0].numel()).reshape(w.shape)
     # symmetric: half a step; asymmetric with an integer zero point: at most one step at the ends
     bound = per_elem * (0.5 if qt.symmetric else 1.0) * (1 + 1e-3)
@@ -81,10 +83,12 @@ def test_dequantize_into_compute_dtype(dtype):
 
 
 def test_int8_more_precise_than_int4():
-    w = torch.randn(64, 128)
+    w = torch.randn(64, 512)
     err = {n: (dequantize_weight(quantize_weight(w, qtype(n)), qtype(n), w.shape, torch.float32) - w).pow(2).mean()
-           for n in ("int8", "int4_g64", "int4_g128")}
+           for n in ("int8", "int4_g64", "int4_g128", "int4", "uint4_g64", "uint4")}
     assert err["int8"] < err["int4_g64"] < err["int4_g128"] * 1.01
+    # one scale per row is coarser than one per group
+    assert err["int4_g128"] < err["int4"] and err["uint4_g64"] < err["uint4"]
 
 
 def test_all_zero_rows_stay_finite():
@@ -100,6 +104,14 @@ def test_non_finite_weights_named(bad):
     w[1, 3] = bad
     with pytest.raises(QuantizationError, match="'blocks.3.proj'.*NaN or inf"):
         quantize_weight(w, qtype("int8"), "blocks.3.proj")
+
+
+def test_per_channel_int4_packs_and_needs_an_even_row():
+    w = torch.randn(6, 40)  # 40 is not a multiple of any group size: per-channel still works
+    s = quantize_weight(w, qtype("uint4"))
+    assert s["qweight"].shape == (6, 20) and s["qweight"].dtype == torch.uint8 and s["zero"].shape == (6, 1)
+    with pytest.raises(QuantizationError, match="'odd.layer'.*input size 9 is odd"):
+        quantize_weight(torch.randn(4, 9), qtype("int4"), "odd.layer")
 
 
 def test_group_must_divide():
