@@ -22,12 +22,21 @@ corrected with its own earlier rows, a small difference) with the cross-fitted c
 (TCEC, the least harmful method on the reference model's measured samplers) when the stored check
 shows it lowers the error, otherwise no correction. Choices (ALGORITHMS.md is silent on this):
 
-* "shows" means the one-sided 95% lower bound of the gap closed — a paired bootstrap over the
-  check's samples, 2000 resamples, fixed seed — is above ``min_gain`` (default 0), *and* the check
-  is held out (cross-fitted, ≥ 2 folds). Measured on the reference model (docs/BENCHMARKS.md), an
-  in-sample check is optimistic: on static W4A8 an in-sample +1.8% came with −8.9% on held-out
-  seeds, and on W8A8 euler_ancestral an in-sample +84.6% (lower bound +11.7%) came with −19.4%.
-  A stored in-sample check is therefore reported but not trusted.
+* "shows" means three things: the check is held out (cross-fitted, ≥ 2 folds); the one-sided
+  ``CHECK_LEVEL`` = 99% lower bound of the gap closed — a paired bootstrap over the check's samples,
+  2000 resamples, fixed seed — is above ``min_gain`` (default 0); and the gap closed is positive in
+  every fold. A default must rarely make images worse, so the rule is deliberately conservative:
+  a false "keep" costs quality silently, a false "fall back" costs only a gain that was too small
+  or too uncertain to show on the calibration set.
+* Why it got this strict (measured, docs/BENCHMARKS.md): an in-sample check (statistics fitted on
+  the checked samples) is optimistic — on static W4A8 an in-sample +1.8% came with −8.9% on
+  held-out seeds, and on W8A8 euler_ancestral an in-sample +84.6% (95% lower bound +11.7%) with
+  −19.4%. The cross-fitted check with a 95% bound fixed those, but on W8A8 dpmpp_2m at CFG 1 it
+  said +44.5% (95% lower bound +7.1%) and TCEC gave −24.1% [−50.3, +0.3] on the evaluation seeds:
+  with 64 heavy-tailed per-sample errors a few samples can carry a bootstrap bound, and at 5% per
+  setting one false keep in the 12 measured settings is what such a test is expected to give.
+  The 99% level and the every-fold condition were chosen after that failure; the confirmation on
+  fresh seeds is in docs/BENCHMARKS.md.
 * A missing check counts as "not shown to help".
 * Four folds by default: each fold's statistics still see 3/4 of the set, and every calibration
   sample is judged once with statistics that never saw it.
@@ -46,10 +55,12 @@ from .errors import CalibrationError
 
 AUTO_PREFERRED = "tcec"
 N_BOOT = 2000
+#: one-sided level of the check's bounds
+CHECK_LEVEL = 0.99
 
 
 def gap_bootstrap(mse_corrected: torch.Tensor, mse_naive: torch.Tensor, n_boot: int = N_BOOT, seed: int = 0,
-                  level: float = 0.95) -> tuple[float, float]:
+                  level: float = CHECK_LEVEL) -> tuple[float, float]:
     """One-sided ``level`` lower and upper bounds of ``1 − mean(corrected)/mean(naive)`` (paired bootstrap)."""
     a, b = mse_corrected.double().reshape(-1), mse_naive.double().reshape(-1)
     gen = torch.Generator().manual_seed(int(seed))
@@ -145,10 +156,14 @@ def end_to_end_check(fp_model, q_model, stats, engine_cfg: EngineConfig, sample_
     if not (torch.isfinite(torch.tensor([mse_naive, mse_corr])).all()):
         raise CalibrationError("the end-to-end check produced NaN/inf latents; check the model and the statistics")
     gap = 1.0 - mse_corr / mse_naive if mse_naive > 0 else 0.0
-    low, high = gap_bootstrap(per_corr, per_naive, seed=seed)
+    low, high = gap_bootstrap(per_corr, per_naive, seed=seed, level=CHECK_LEVEL)
+    fold_gaps = []
+    for seg, _ in segments:
+        den = float(per_naive[seg].mean())
+        fold_gaps.append(1.0 - float(per_corr[seg].mean()) / den if den > 0 else 0.0)
     return {"methods": list(engine_cfg.methods()), "sampler": sampler_name, "n": int(n), "folds": len(segments),
-            "naive_mse": mse_naive, "corrected_mse": mse_corr, "gap_closed": gap,
-            "gap_closed_low": low, "gap_closed_high": high}
+            "naive_mse": mse_naive, "corrected_mse": mse_corr, "gap_closed": gap, "level": CHECK_LEVEL,
+            "gap_closed_low": low, "gap_closed_high": high, "fold_gaps": fold_gaps}
 
 
 @torch.no_grad()
@@ -205,12 +220,21 @@ def auto_config(stats, preferred: str = AUTO_PREFERRED, min_gain: float = 0.0) -
                                 "uncorrected")
     gain = float(check.get("gap_closed", 0.0))
     low = float(check.get("gap_closed_low", float("-inf")))
+    level = float(check.get("level", 0.95))
     folds = int(check.get("folds", 1))
+    fold_gaps = [float(g) for g in check.get("fold_gaps", [])]
     where = (f"{check.get('n')} calibration samples, each corrected with statistics fitted without it ({folds} folds)"
              if folds >= 2 else f"the {check.get('n')} calibration samples the statistics were fitted on")
-    told = f"{preferred} closed {100 * gain:+.1f}% of the naive gap (95% lower bound {100 * low:+.1f}%) on {where}"
+    told = (f"{preferred} closed {100 * gain:+.1f}% of the naive gap ({100 * level:.0f}% lower bound "
+            f"{100 * low:+.1f}%) on {where}")
     if folds < 2:
         return EngineConfig(), f"auto: {told}: an in-sample check is not trusted (re-calibrate); sampling uncorrected"
-    if low > min_gain:
-        return want, f"auto: {told}; correcting"
-    return EngineConfig(), f"auto: {told}: no gain shown; sampling uncorrected"
+    if level < CHECK_LEVEL:
+        return EngineConfig(), (f"auto: {told}: the stored bound is at {100 * level:.0f}%, below the "
+                                f"{100 * CHECK_LEVEL:.0f}% the default needs (re-calibrate); sampling uncorrected")
+    if low <= min_gain:
+        return EngineConfig(), f"auto: {told}: no gain shown; sampling uncorrected"
+    if len(fold_gaps) != folds or min(fold_gaps) <= 0:
+        shown = ", ".join(f"{100 * g:+.1f}%" for g in fold_gaps) or "not stored"
+        return EngineConfig(), f"auto: {told}, but not in every fold ({shown}); sampling uncorrected"
+    return want, f"auto: {told}, and in every fold; correcting"

@@ -20,16 +20,20 @@ def test_auto_follows_the_stored_end_to_end_check():
     with pytest.raises(ValueError, match="statistics"):
         engine_config("auto")
     assert not engine_config("auto", stats).any_enabled  # no check stored: uncorrected
-    good = with_validation(stats, {"methods": ["tcec"], "n": 64, "folds": 4, "gap_closed": 0.05, "gap_closed_low": 0.01})
-    assert engine_config("auto", good).tcec
-    bad = with_validation(stats, {"methods": ["tcec"], "n": 64, "folds": 4, "gap_closed": -0.01, "gap_closed_low": -0.05})
+    ok = {"methods": ["tcec"], "n": 64, "folds": 4, "level": 0.99, "gap_closed": 0.05, "gap_closed_low": 0.01,
+          "fold_gaps": [0.04, 0.06, 0.02, 0.08]}
+    assert engine_config("auto", with_validation(stats, ok)).tcec
+    # a gain carried by some folds only, or a bound at a laxer level than the default needs, is not enough
+    assert not engine_config("auto", with_validation(stats, {**ok, "fold_gaps": [0.2, 0.1, -0.01, 0.1]})).any_enabled
+    assert not engine_config("auto", with_validation(stats, {**ok, "fold_gaps": [0.2, 0.1, 0.1]})).any_enabled
+    assert not engine_config("auto", with_validation(stats, {**ok, "level": 0.95})).any_enabled
+    bad = with_validation(stats, {**ok, "gap_closed": -0.01, "gap_closed_low": -0.05, "fold_gaps": [-0.01] * 4})
     assert not engine_config("auto", bad).any_enabled
     # a positive point estimate whose lower bound is not above zero is not a shown gain
-    noisy = with_validation(stats, {"methods": ["tcec"], "n": 64, "folds": 4, "gap_closed": 0.018, "gap_closed_low": -0.04})
+    noisy = with_validation(stats, {**ok, "gap_closed": 0.018, "gap_closed_low": -0.04})
     assert not engine_config("auto", noisy).any_enabled
     # the same good numbers from an in-sample check (statistics fitted on the checked samples) are not trusted
-    in_sample = with_validation(stats, {"methods": ["tcec"], "n": 64, "folds": 1, "gap_closed": 0.05,
-                                        "gap_closed_low": 0.01})
+    in_sample = with_validation(stats, {**ok, "folds": 1, "fold_gaps": [0.05]})
     assert not engine_config("auto", in_sample).any_enabled
 
 

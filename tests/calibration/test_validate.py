@@ -42,7 +42,8 @@ def test_calibrate_checked_cross_fits_and_auto_keeps_a_real_gain(synth):
                               config=CalibrationConfig(batch_size=8), grid_sigmas=synth.grid,
                               progress=lambda i, tot: ticks.append((i, tot)))
     check = stats.meta.validation
-    assert check["folds"] == 4 and check["n"] == 24 and stats.meta.n_samples == 24
+    assert check["folds"] == 4 and check["n"] == 24 and stats.meta.n_samples == 24 and check["level"] == 0.99
+    assert len(check["fold_gaps"]) == 4 and min(check["fold_gaps"]) > 0.5
     assert ticks[-1] == (40, 40) and len(ticks) == 40
     assert check["corrected_mse"] < 0.05 * check["naive_mse"] and check["gap_closed_low"] > 0.5
     cfg, why = auto_config(stats)
@@ -92,6 +93,8 @@ def test_each_fold_is_corrected_with_the_other_folds_statistics(synth):
     f1 = end_to_end_check(synth.fp, q, good, EngineConfig(tcec=True), sample_euler, x[6:], sig, **run)
     assert f0["corrected_mse"] == pytest.approx(f0["naive_mse"], rel=1e-6) and f1["corrected_mse"] < f1["naive_mse"]
     assert check["folds"] == 2
+    assert check["fold_gaps"][0] == pytest.approx(f0["gap_closed"], abs=1e-6)
+    assert check["fold_gaps"][1] == pytest.approx(f1["gap_closed"], rel=1e-6)
     assert check["corrected_mse"] == pytest.approx((f0["corrected_mse"] + f1["corrected_mse"]) / 2, rel=1e-6)
     assert check["naive_mse"] == pytest.approx((f0["naive_mse"] + f1["naive_mse"]) / 2, rel=1e-6)
     with pytest.raises(CalibrationError, match="fold order"):
