@@ -70,16 +70,17 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
                      "seconds": round(time.perf_counter() - t0, 1)})
         log(f"# {sampler}: FP sampled in {rows[-1]['seconds']} s")
         for p in presets:
+            label = quant_label(p, weights)
             naive, plain_cal = None, None
             for method in methods:
-                row = {"config": quant_label(p, weights), "method": method, "sampler": sampler}
+                row = {"config": label, "method": method, "sampler": sampler}
                 fn = None
                 if method != "none":
                     if loaded is not None:
                         stats = loaded
                     else:
                         stats, secs = calibrate_method(ref, qmodels[p], method, rc_cal, calib_seeds,
-                                                       calib_classes or classes, quant_label(p, weights), calib_mode)
+                                                       calib_classes or classes, label, calib_mode)
                         if measure_calib_cost and plain_cal is None:  # the yardstick: sampling the calibration set with both models
                             plain_cal = plain_cost(ref, qmodels[p], rc_cal, calib_seeds, calib_classes or classes,
                                                    sample_latents)
@@ -88,7 +89,7 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
                             row.update(plain_calib_seconds=round(plain_cal, 1), calib_cost_ratio=round(secs / plain_cal, 2))
                     if method == "auto":
                         row["auto"] = auto_reason(stats)
-                        log(f"# {sampler}: {p} {row['auto']}")
+                        log(f"# {sampler}: {label} {row['auto']}")
                     fn = corrected_sampler(stats, method, sampler)
                 t0 = time.perf_counter()
                 lat = sample_latents(qmodels[p], rc, seeds, labels, grid, sampler_fn=fn)
@@ -104,7 +105,7 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
                     row["psnr_delta"] = _ci(paired_bootstrap_ci(per["psnr"].numpy(), naive["psnr"].numpy()))
                 row["seconds"] = round(time.perf_counter() - t0, 1)
                 rows.append(row)
-                log(f"# {sampler}: {p} {method} sampled in {row['seconds']} s")
+                log(f"# {sampler}: {label} {method} sampled in {row['seconds']} s")
     res = {"scheduler": scheduler, "steps": steps, "cfg": cfg_scale, "n": len(seeds), "act_static": act_static,
            "weights": weights,
            "seeds": _span(seeds), "classes": classes, "rows": rows,

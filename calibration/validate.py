@@ -45,6 +45,7 @@ shows it lowers the error, otherwise no correction. Choices (ALGORITHMS.md is si
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -83,14 +84,12 @@ def leave_one_out(fold_stats: list) -> list:
     """For each fold, the merge of every *other* fold's statistics (needs ≥ 2 folds)."""
     if len(fold_stats) < 2:
         raise CalibrationError("cross-fitting needs at least two folds")
-    out = []
-    for k in range(len(fold_stats)):
-        rest = [s for i, s in enumerate(fold_stats) if i != k]
-        merged = rest[0]
-        for s in rest[1:]:
-            merged = merged.merge(s)
-        out.append(merged)
-    return out
+    return [_merged([s for i, s in enumerate(fold_stats) if i != k]) for k in range(len(fold_stats))]
+
+
+def _merged(stats: list):
+    """One statistics object for the union of several calibration sets."""
+    return functools.reduce(lambda a, b: a.merge(b), stats)
 
 
 @torch.no_grad()
@@ -191,9 +190,7 @@ def calibrate_checked(fp_model, q_model, noise: torch.Tensor, sigmas, extra_args
         tick = None if progress is None else (lambda i, tot, k=k: progress(k * steps + i, len(slices) * steps))
         fold_stats.append(calibrate(fp_model, q_model, noise[sl], sigmas, slice_extra(extra, sl, n), engine=engine,
                                     config=config, grid_sigmas=grid_sigmas, meta=meta, progress=tick))
-    merged = fold_stats[0]
-    for s in fold_stats[1:]:
-        merged = merged.merge(s)
+    merged = _merged(fold_stats)
     x0 = noise * torch.as_tensor(sigmas, dtype=noise.dtype)[0] if x_init is None else x_init
     check = end_to_end_check(fp_model, q_model, fold_stats if len(fold_stats) > 1 else merged, engine, sample_fn, x0,
                              sigmas, extra, sampler_name=sampler_name, noise_factory=noise_factory,
