@@ -10,6 +10,13 @@ and the PSNR change, each with a 95% paired bootstrap interval over samples.
 Corrections are calibrated on ``--calib-seeds`` (disjoint from the evaluation seeds, checked), or
 read from ``--stats``. Seeds, classes, sampler, scheduler, steps and cfg are arguments, so results
 can be checked on seeds nobody tuned on.
+
+``--oracle`` is the one deliberate exception, for analysis only: every correction is calibrated on
+the evaluation seeds and classes themselves, so the per-σ statistics are those of exactly the
+samples being scored. That is an upper bound on what a method's statistics can do for these
+samples — not a result, and never a way to choose a method or a setting. Its output says so on
+every line that matters (the banner, ``"oracle": true`` in the JSON, each corrected row's
+``calibrated_on``).
 """
 
 from __future__ import annotations
@@ -33,7 +40,14 @@ def _ci(ci) -> dict:
 
 def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=None, batch_size=64, log=print,
         keep_images=False, methods=("none",), stats_path=None, calib_seeds=None, calib_classes=None,
-        calib_steps=None, calib_mode="progressive", measure_calib_cost=True, act_static=None, weights=None):
+        calib_steps=None, calib_mode="progressive", measure_calib_cost=True, act_static=None, weights=None,
+        oracle=False):
+    if oracle:
+        if stats_path:
+            raise SystemExit("--oracle calibrates on the evaluation seeds; it cannot be combined with --stats")
+        if act_static:
+            raise SystemExit("--oracle bounds the corrections only; calibrate --act-static ranges on other seeds")
+        calib_seeds, calib_classes = list(seeds), list(classes)
     ref = load_reference()
     cfg_scale = ref.default_cfg if cfg is None else cfg
     labels = labels_for(seeds, classes)
@@ -42,7 +56,7 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
     if any(m != "none" for m in methods) and "none" not in methods:
         methods.insert(0, "none")  # the naive baseline every correction is compared with
     methods.sort(key=lambda m: m != "none")
-    if calib_seeds is not None:
+    if calib_seeds is not None and not oracle:
         check_disjoint(calib_seeds, seeds)
     if act_static:
         if calib_seeds is None:
@@ -84,7 +98,8 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
                         if measure_calib_cost and plain_cal is None:  # the yardstick: sampling the calibration set with both models
                             plain_cal = plain_cost(ref, qmodels[p], rc_cal, calib_seeds, calib_classes or classes,
                                                    sample_latents)
-                        row.update(calib_seconds=round(secs, 1), calib_n=len(calib_seeds), calib_steps=rc_cal.steps)
+                        row.update(calib_seconds=round(secs, 1), calib_n=len(calib_seeds), calib_steps=rc_cal.steps,
+                                   calibrated_on="evaluation seeds (oracle)" if oracle else "calibration seeds")
                         if plain_cal is not None:
                             row.update(plain_calib_seconds=round(plain_cal, 1), calib_cost_ratio=round(secs / plain_cal, 2))
                     if method == "auto":
@@ -107,7 +122,7 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
                 rows.append(row)
                 log(f"# {sampler}: {label} {method} sampled in {row['seconds']} s")
     res = {"scheduler": scheduler, "steps": steps, "cfg": cfg_scale, "n": len(seeds), "act_static": act_static,
-           "weights": weights,
+           "weights": weights, "oracle": bool(oracle),
            "seeds": _span(seeds), "classes": classes, "rows": rows,
            "calibration": None if calib_seeds is None or stats_path or methods == ["none"] else
            {"seeds": _span(calib_seeds), "classes": calib_classes or classes, "steps": calib_steps or steps,
@@ -133,6 +148,9 @@ def print_result(res: dict) -> None:
     print(f"quality vs FP — reference model, {res['scheduler']} schedule, {res['steps']} steps, "
           f"cfg {res['cfg']}, N={res['n']}, seeds {res['seeds']}"
           + (f", static activation ranges ({res['act_static']})" if res.get("act_static") else ""))
+    if res.get("oracle"):
+        print("ORACLE: corrections calibrated on the evaluation seeds themselves -- an upper bound for these "
+              "samples, not a result")
     if res.get("calibration"):
         c = res["calibration"]
         print(f"corrections calibrated ({c['mode']}) on seeds {c['seeds']}, {c['steps']} steps")
@@ -161,7 +179,7 @@ def main(args) -> int:
               args.steps, args.cfg, args.batch, methods=methods, stats_path=args.stats, calib_seeds=calib_seeds,
               calib_classes=parse_int_list(args.calib_classes) if args.calib_classes else None,
               calib_steps=args.calib_steps, calib_mode=args.calib_mode, act_static=args.act_static,
-              weights=args.weights)
+              weights=args.weights, oracle=args.oracle)
     print_result(res)
     if args.json:
         emit_json(res)
@@ -189,6 +207,9 @@ def add_parser(sub) -> None:
                         "estimator, instead of the presets' dynamic per-sample ranges")
     p.add_argument("--weights", default=None,
                    help="replace the presets' weight type (e.g. uint4 = per-channel int4; default: the preset's)")
+    p.add_argument("--oracle", action="store_true",
+                   help="analysis only: calibrate every correction on the evaluation seeds themselves (an upper "
+                        "bound on what per-σ statistics can do for these samples; never a result)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
