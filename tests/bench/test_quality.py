@@ -36,7 +36,11 @@ def test_oracle_calibrates_on_exactly_the_evaluated_samples_and_says_so():
     lat_fp = sample_latents(ref.denoiser, rc, SEEDS, labels, ref.denoiser.sigmas)
     lat = sample_latents(qden, rc, SEEDS, labels, ref.denoiser.sigmas,
                          sampler_fn=corrected_sampler(stats, "tcec", "euler"))
-    assert row["latent_mse"] == pytest.approx(float(latent_mse(lat, lat_fp).mean()), rel=1e-5)
+    mine = latent_mse(lat, lat_fp)
+    assert row["latent_mse"] == pytest.approx(float(mine.mean()), rel=1e-5)
+    base = latent_mse(sample_latents(qden, rc, SEEDS, labels, ref.denoiser.sigmas), lat_fp)
+    assert row["samples_improved"] == pytest.approx(float((mine < base).double().mean()))
+    assert row["median_gap_closed"] == pytest.approx(float((1 - mine / base).median()), rel=1e-5)
 
     # and a normal run calibrated elsewhere gives other statistics, hence another row
     held_out = quality.run(["W8A8"], ["euler"], SEEDS, CLASSES, methods=["none", "tcec"], calib_seeds=[0, 1, 2, 3],
