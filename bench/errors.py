@@ -12,6 +12,15 @@ energy left after subtracting the calibration set's mean drift per channel (what
 TAC IBC can remove) and per position. It also compares the final error with the teacher-forced
 sum Σ h_n·e_n that TCEC's closed form (J ≈ 0, ALGORITHMS.md §5b) predicts: a ratio far above 1
 means the sampler damps early errors and J ≈ 0 does not hold.
+
+``--ceiling`` bounds what any per-σ statistic could do (:func:`correction_ceiling`): it samples
+the given seeds with the quantized model (euler) and, at every step, corrects ε̂ with statistics
+of the error at the same input *measured live on these very samples*: the exact per-channel mean
+(the ideal PTQD bias / TAC IBC / StepbaQ LA input), the exact per-position mean, and the exact
+per-channel least-squares gain and offset (the ideal NER / TCEC K). No held-out estimate can beat
+its own in-sample optimum, so a variant that does not close the gap here cannot close it in any
+benchmark. Two "perfect" variants (ε̂ replaced by the FP model's ε at the same input on one σ
+range only) show where along the trajectory the final error comes from.
 """
 
 from __future__ import annotations
@@ -84,6 +93,64 @@ def drift_decomposition(fp, q, sigmas, noise_cal, extra_cal, noise_eval, extra_e
             "sum_over_final": tf_mse / final_mse if final_mse > 0 else float("inf"), "cosine_final_vs_sum": cos}
 
 
+CEILING_VARIANTS = ("channel_mean", "position_mean", "channel_gain", "perfect")
+
+
+def _ceiling_correct(variant: str, eq: torch.Tensor, ef_same: torch.Tensor) -> torch.Tensor:
+    """ε̂ corrected with exact statistics of ``eq − ef_same`` over the whole set (dims 0 and spatial)."""
+    err = eq - ef_same
+    if variant == "perfect":
+        return ef_same
+    if variant == "channel_mean":
+        return eq - err.mean(dim=(0, *range(2, eq.ndim)), keepdim=True)
+    if variant == "position_mean":
+        return eq - err.mean(dim=0, keepdim=True)
+    if variant == "channel_gain":  # per channel: ef ≈ a·eq + b, least squares over samples and positions
+        dims = (0, *range(2, eq.ndim))
+        qm, fm = eq.mean(dim=dims, keepdim=True), ef_same.mean(dim=dims, keepdim=True)
+        cov = ((eq - qm) * (ef_same - fm)).mean(dim=dims, keepdim=True)
+        var = (eq - qm).square().mean(dim=dims, keepdim=True).clamp_min(1e-20)
+        return fm + cov / var * (eq - qm)
+    raise ValueError(f"unknown ceiling variant {variant!r}; known: {', '.join(CEILING_VARIANTS)}")
+
+
+@torch.no_grad()
+def correction_ceiling(fp, q, sigmas, x, extra, variants, batch_size=64) -> dict:
+    """Final latent MSE to FP of naive euler sampling and of each ``(name, variant, lo, hi)`` in
+    ``variants``: the variant's in-sample correction applied at the steps with lo ≤ σ < hi.
+
+    All samples advance in lock-step (the model is called in chunks of ``batch_size``) so every
+    statistic is taken over the whole set: the result does not depend on the batch size.
+    Returns per-sample final MSEs (``[N]`` float64) under "naive" and each name.
+    """
+    n = x.shape[0]
+
+    def call(model, z, s):
+        outs = []
+        for i in range(0, n, batch_size):
+            sl = slice(i, min(i + batch_size, n))
+            outs.append(model(z[sl], s.expand(sl.stop - sl.start), **slice_extra(extra, sl, n)))
+        return torch.cat(outs)
+
+    def eps(model, z, s):
+        return (z - call(model, z, s)) / s
+
+    xs = {"FP": x.clone(), "naive": x.clone(), **{v[0]: x.clone() for v in variants}}
+    for k in range(sigmas.numel() - 1):
+        s, s_next = sigmas[k], sigmas[k + 1]
+        for name, z in xs.items():
+            if name == "FP":
+                e = eps(fp, z, s)
+            else:
+                e = eps(q, z, s)
+                spec = next((v for v in variants if v[0] == name), None)
+                if spec is not None and spec[2] <= float(s) < spec[3]:
+                    e = _ceiling_correct(spec[1], e, eps(fp, z, s))
+            xs[name] = z + (s_next - s) * e
+    fin = xs.pop("FP")
+    return {name: (z - fin).double().flatten(1).pow(2).mean(1) for name, z in xs.items()}
+
+
 def main(args) -> int:
     set_threads(args.threads)
     ref = load_reference()
@@ -109,6 +176,8 @@ def main(args) -> int:
                       f"{r['bias_abs_mean']:.4f}", f"{r['sigma_q']:.4f}"] for r in rows])
         if args.drift:
             out.setdefault("drift", {})[label] = _print_drift(ref, qd, rc, args)
+        if args.ceiling:
+            out.setdefault("ceiling", {})[label] = _print_ceiling(ref, qd, rc, args)
     if args.json:
         emit_json(out)
     return 0
@@ -138,6 +207,38 @@ def _print_drift(ref, qd, rc, args) -> dict:
     return res
 
 
+def _print_ceiling(ref, qd, rc, args) -> dict:
+    if args.sampler not in ("euler", "ddim"):
+        raise SystemExit("--ceiling steps euler (= ddim) only")
+    seeds, classes = parse_int_list(args.ceiling_seeds), parse_int_list(args.classes)
+    grid = ref.denoiser.sigmas
+    sigmas = get_sigmas(rc.scheduler, grid, rc.steps)
+    inf, split = float("inf"), args.split_sigma
+    variants = [("channel mean", "channel_mean", 0.0, inf), ("position mean", "position_mean", 0.0, inf),
+                ("channel gain+offset", "channel_gain", 0.0, inf),
+                (f"channel mean, σ ≥ {split:g}", "channel_mean", split, inf),
+                (f"channel mean, σ < {split:g}", "channel_mean", 0.0, split),
+                (f"perfect, σ ≥ {split:g}", "perfect", split, inf), (f"perfect, σ < {split:g}", "perfect", 0.0, split)]
+    x = start_latent(initial_noise(seeds, (4, 14, 14)), sigmas, grid)
+    res = correction_ceiling(ref.denoiser, qd, sigmas, x, {"cond": labels_for(seeds, classes), "cfg_scale": rc.cfg},
+                             variants, batch_size=rc.batch_size)
+    base = res["naive"]
+    rows = [{"variant": "naive", "latent_mse": float(base.mean())}]
+    for name, *_ in variants:
+        m = res[name]
+        rows.append({"variant": name, "latent_mse": float(m.mean()), "gap_closed": float(1 - m.mean() / base.mean()),
+                     "samples_improved": float((m < base).double().mean()),
+                     "median_gap_closed": float((1 - m / base.clamp_min(1e-30)).median())})
+    print(f"ceiling of per-σ corrections: statistics measured live on seeds {args.ceiling_seeds} themselves "
+          f"({rc.sampler}, {rc.steps} steps, cfg {rc.cfg})")
+    print_table(["in-sample correction", "latent MSE", "gap closed %", "improved %", "median gap %"],
+                [[r["variant"], f"{r['latent_mse']:.5f}",
+                  f"{100 * r['gap_closed']:+.1f}" if "gap_closed" in r else "-",
+                  f"{100 * r['samples_improved']:.0f}" if "samples_improved" in r else "-",
+                  f"{100 * r['median_gap_closed']:+.1f}" if "median_gap_closed" in r else "-"] for r in rows])
+    return {"seeds": args.ceiling_seeds, "split_sigma": split, "rows": rows}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("errors", help="per-step ε-error statistics of a quantized reference model")
     p.add_argument("--preset", default="W4A8")
@@ -152,6 +253,12 @@ def add_parser(sub) -> None:
     p.add_argument("--drift", action="store_true",
                    help="also decompose the naive end-to-end drift on --holdout-seeds (euler)")
     p.add_argument("--holdout-seeds", default="5000-5127", help="held-out seeds for --drift (disjoint from --seeds)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also bound what per-σ statistics can do: exact in-sample corrections on --ceiling-seeds (euler)")
+    p.add_argument("--ceiling-seeds", default="1000-1127",
+                   help="seeds --ceiling samples and measures its statistics on (an analysis of these very samples)")
+    p.add_argument("--split-sigma", type=float, default=3.0,
+                   help="σ that splits the trajectory into early and late steps for --ceiling")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=main)

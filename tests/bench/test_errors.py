@@ -54,3 +54,33 @@ def test_batching_does_not_change_the_result():
     assert abs(a["final_mse"] - b["final_mse"]) < 1e-9 * max(1.0, a["final_mse"])
     for ra, rb in zip(a["rows"], b["rows"]):
         assert abs(ra["left_after_channel_mean"] - rb["left_after_channel_mean"]) < 1e-6
+
+
+from qcorrect.bench.errors import correction_ceiling  # noqa: E402
+
+INF = float("inf")
+
+
+def test_ceiling_channel_mean_removes_a_constant_bias_and_perfect_removes_everything():
+    bias = torch.tensor([0.05, -0.02, 0.03]).reshape(1, 3, 1, 1)
+    q = with_eps_error(lambda x: bias.expand_as(x) + 0.02 * torch.sin(37.0 * x))
+    res = correction_ceiling(gaussian_fp, q, SIGMAS, _noise(4, 24), {},
+                             [("mean", "channel_mean", 0.0, INF), ("perfect", "perfect", 0.0, INF),
+                              ("early", "perfect", 3.0, INF), ("late", "perfect", 0.0, 3.0),
+                              ("gain", "channel_gain", 0.0, INF), ("pos", "position_mean", 0.0, INF)], batch_size=7)
+    naive = res["naive"].mean()
+    assert naive > 0 and res["perfect"].max() < 1e-12
+    assert res["mean"].mean() < 0.5 * naive  # the bias was most of the error
+    assert res["gain"].mean() < res["naive"].mean() and res["pos"].mean() < res["naive"].mean()
+    # correcting only part of the trajectory leaves the other part's error: between perfect and naive
+    for part in ("early", "late"):
+        assert 1e-12 < res[part].mean() < naive
+
+
+def test_ceiling_does_not_depend_on_the_batch_size():
+    q = with_eps_error(lambda x: 0.02 * torch.tanh(3 * x) + 0.01)
+    v = [("mean", "channel_mean", 0.0, INF), ("gain", "channel_gain", 1.0, INF)]
+    a = correction_ceiling(gaussian_fp, q, SIGMAS, _noise(5, 10), {}, v, batch_size=3)
+    b = correction_ceiling(gaussian_fp, q, SIGMAS, _noise(5, 10), {}, v, batch_size=10)
+    for k in ("naive", "mean", "gain"):
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-12)
