@@ -120,7 +120,8 @@ def correction_ceiling(fp, q, sigmas, x, extra, variants, batch_size=64) -> dict
     ``variants``: the variant's in-sample correction applied at the steps with lo ≤ σ < hi.
 
     All samples advance in lock-step (the model is called in chunks of ``batch_size``) so every
-    statistic is taken over the whole set: the result does not depend on the batch size.
+    statistic is taken over the whole set: the result does not depend on the batch size (up to
+    floating-point rounding, which a quantized model's rounding to codes can amplify).
     Returns per-sample final MSEs (``[N]`` float64) under "naive" and each name.
     """
     n = x.shape[0]
