@@ -49,6 +49,8 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
             raise SystemExit("--oracle calibrates on the evaluation seeds; it cannot be combined with --stats")
         if act_static:
             raise SystemExit("--oracle bounds the corrections only; calibrate --act-static ranges on other seeds")
+        if calib_classes is not None and list(calib_classes) != list(classes):
+            raise SystemExit("--oracle calibrates on the evaluation classes; drop --calib-classes")
         calib_seeds, calib_classes = list(seeds), list(classes)
     ref = load_reference()
     cfg_scale = ref.default_cfg if cfg is None else cfg

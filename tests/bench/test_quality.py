@@ -17,6 +17,8 @@ def test_evaluation_seeds_are_refused_for_calibration_without_oracle():
     with pytest.raises(SystemExit, match="--stats"):
         quality.run(["W8A8"], ["euler"], SEEDS, CLASSES, methods=["tcec"], stats_path="x.safetensors", oracle=True,
                     **SMALL)
+    with pytest.raises(SystemExit, match="--calib-classes"):
+        quality.run(["W8A8"], ["euler"], SEEDS, CLASSES, methods=["tcec"], calib_classes=[0], oracle=True, **SMALL)
 
 
 def test_oracle_calibrates_on_exactly_the_evaluated_samples_and_says_so():
