@@ -17,9 +17,10 @@ means the sampler damps early errors and J ≈ 0 does not hold.
 the given seeds with the quantized model (euler) and, at every step, corrects ε̂ with statistics
 of the error at the same input *measured live on these very samples*: the exact per-channel mean
 (the ideal PTQD bias / TAC IBC / StepbaQ LA input), the exact per-position mean, and the exact
-per-channel least-squares gain and offset (the ideal NER / TCEC K). No held-out estimate can beat
-its own in-sample optimum, so a variant that does not close the gap here cannot close it in any
-benchmark. Two "perfect" variants (ε̂ replaced by the FP model's ε at the same input on one σ
+per-channel least-squares gain and offset (the ideal NER / TCEC K). These are the statistics the
+methods' fits aim at, exact for each step on these samples: a method whose ideal statistic does not
+help here has no reason to help with estimated ones (``bench quality --oracle`` checks the methods'
+own fits the same way). Two "perfect" variants (ε̂ replaced by the FP model's ε at the same input on one σ
 range only) show where along the trajectory the final error comes from.
 """
 
