@@ -97,8 +97,11 @@ def drift_decomposition(fp, q, sigmas, noise_cal, extra_cal, noise_eval, extra_e
 CEILING_VARIANTS = ("channel_mean", "position_mean", "channel_gain", "perfect")
 
 
-def _ceiling_correct(variant: str, eq: torch.Tensor, ef_same: torch.Tensor) -> torch.Tensor:
-    """ε̂ corrected with exact statistics of ``eq − ef_same`` over the whole set (dims 0 and spatial)."""
+def _ceiling_correct(variant: str, eq: torch.Tensor, ef_same: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """ε̂ corrected with exact statistics of ``eq − ef_same`` over the whole set (dims 0 and spatial);
+    ``scale`` applies that fraction of the correction (a shrunken statistic)."""
+    if scale != 1.0:
+        return eq + scale * (_ceiling_correct(variant, eq, ef_same) - eq)
     err = eq - ef_same
     if variant == "perfect":
         return ef_same
@@ -117,8 +120,9 @@ def _ceiling_correct(variant: str, eq: torch.Tensor, ef_same: torch.Tensor) -> t
 
 @torch.no_grad()
 def correction_ceiling(fp, q, sigmas, x, extra, variants, batch_size=64) -> dict:
-    """Final latent MSE to FP of naive euler sampling and of each ``(name, variant, lo, hi)`` in
-    ``variants``: the variant's in-sample correction applied at the steps with lo ≤ σ < hi.
+    """Final latent MSE to FP of naive euler sampling and of each ``(name, variant, lo, hi[, scale])``
+    in ``variants``: the variant's in-sample correction (times ``scale``, default 1) applied at the
+    steps with lo ≤ σ < hi.
 
     All samples advance in lock-step (the model is called in chunks of ``batch_size``) so every
     statistic is taken over the whole set: the result does not depend on the batch size (up to
@@ -147,7 +151,7 @@ def correction_ceiling(fp, q, sigmas, x, extra, variants, batch_size=64) -> dict
                 e = eps(q, z, s)
                 spec = next((v for v in variants if v[0] == name), None)
                 if spec is not None and spec[2] <= float(s) < spec[3]:
-                    e = _ceiling_correct(spec[1], e, eps(fp, z, s))
+                    e = _ceiling_correct(spec[1], e, eps(fp, z, s), *spec[4:5])
             xs[name] = z + (s_next - s) * e
     fin = xs.pop("FP")
     return {name: (z - fin).double().flatten(1).pow(2).mean(1) for name, z in xs.items()}
@@ -221,6 +225,9 @@ def _print_ceiling(ref, qd, rc, args) -> dict:
                 (f"channel mean, σ ≥ {split:g}", "channel_mean", split, inf),
                 (f"channel mean, σ < {split:g}", "channel_mean", 0.0, split),
                 (f"perfect, σ ≥ {split:g}", "perfect", split, inf), (f"perfect, σ < {split:g}", "perfect", 0.0, split)]
+    if args.shrink:
+        variants += [(f"channel mean × {a:g}", "channel_mean", 0.0, inf, a)
+                     for a in (float(t) for t in args.shrink.split(","))]
     x = start_latent(initial_noise(seeds, (4, 14, 14)), sigmas, grid)
     res = correction_ceiling(ref.denoiser, qd, sigmas, x, {"cond": labels_for(seeds, classes), "cfg_scale": rc.cfg},
                              variants, batch_size=rc.batch_size)
@@ -259,6 +266,8 @@ def add_parser(sub) -> None:
                    help="also bound what per-σ statistics can do: exact in-sample corrections on --ceiling-seeds (euler)")
     p.add_argument("--ceiling-seeds", default="1000-1127",
                    help="seeds --ceiling samples and measures its statistics on (an analysis of these very samples)")
+    p.add_argument("--shrink", default=None,
+                   help="--ceiling also applies these fractions of the exact channel mean, e.g. 0.25,0.5")
     p.add_argument("--split-sigma", type=float, default=3.0,
                    help="σ that splits the trajectory into early and late steps for --ceiling")
     p.add_argument("--threads", type=int, default=None)

@@ -84,3 +84,15 @@ def test_ceiling_does_not_depend_on_the_batch_size():
     b = correction_ceiling(gaussian_fp, q, SIGMAS, _noise(5, 10), {}, v, batch_size=10)
     for k in ("naive", "mean", "gain"):
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-12)
+
+
+def test_ceiling_shrink_applies_a_fraction_of_the_correction():
+    bias = torch.tensor([0.05, -0.02, 0.03]).reshape(1, 3, 1, 1)
+    q = with_eps_error(lambda x: bias.expand_as(x))  # a pure constant bias: the exact mean removes all of it
+    v = [("full", "channel_mean", 0.0, INF), ("half", "channel_mean", 0.0, INF, 0.5),
+         ("none", "channel_mean", 0.0, INF, 0.0)]
+    res = correction_ceiling(gaussian_fp, q, SIGMAS, _noise(6, 8), {}, v, batch_size=8)
+    assert res["full"].max() < 1e-12
+    assert torch.allclose(res["none"], res["naive"])
+    # the ODE is linear here, so half the correction leaves half the drift: a quarter of the error
+    assert torch.allclose(res["half"], 0.25 * res["naive"], rtol=1e-4)
