@@ -66,3 +66,19 @@ def quant_plan(name: str, weights: str | None = None, **overrides):
 def quant_label(name: str, weights: str | None = None) -> str:
     """How results and statistics name a preset, with its weight override if any."""
     return f"{name}[{weights}]" if weights else name
+
+
+def per_sample_spread(mine, base) -> dict:
+    """How a mean change in per-sample error is spread over samples (errors are heavy-tailed, so the
+    mean and the typical sample can disagree): the share of samples whose error went down and the
+    median per-sample gap closed ``1 − mine/base``. ``mine``, ``base``: per-sample errors ``[N]``."""
+    return {"samples_improved": float((mine < base).double().mean()),
+            "median_gap_closed": float((1 - mine / base.clamp_min(1e-30)).median())}
+
+
+def fmt_spread(row: dict) -> list[str]:
+    """The two table cells of :func:`per_sample_spread` ("-" where the row has none)."""
+    if "samples_improved" not in row:
+        return ["-", "-"]
+    return [f"{100 * row['samples_improved']:.0f}", f"{100 * row['median_gap_closed']:+.1f}"]
+

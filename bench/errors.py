@@ -32,7 +32,9 @@ from ..calibration.collect import slice_extra
 from ..calibration.ptqd import ptqd_params
 from ..reference.model import load_reference
 from ..reference.schedules import get_sigmas
-from .common import emit_json, parse_presets, print_table, quant_label, quant_plan, set_threads
+from .common import (
+    emit_json, fmt_spread, parse_presets, per_sample_spread, print_table, quant_label, quant_plan, set_threads,
+)
 from .correct import calibrate_method
 from .pipeline import RunConfig, initial_noise, labels_for, parse_int_list, quantized_denoiser, start_latent
 
@@ -141,16 +143,17 @@ def correction_ceiling(fp, q, sigmas, x, extra, variants, batch_size=64) -> dict
     def eps(model, z, s):
         return (z - call(model, z, s)) / s
 
-    xs = {"FP": x.clone(), "naive": x.clone(), **{v[0]: x.clone() for v in variants}}
-    for k in range(sigmas.numel() - 1):
+    specs = {v[0]: v for v in variants}
+    xs = {"FP": x.clone(), "naive": x.clone(), **{name: x.clone() for name in specs}}
+    for k, sk in enumerate(sigmas[:-1].tolist()):  # the schedule's σ as floats, once (no per-call sync)
         s, s_next = sigmas[k], sigmas[k + 1]
         for name, z in xs.items():
             if name == "FP":
                 e = eps(fp, z, s)
             else:
                 e = eps(q, z, s)
-                spec = next((v for v in variants if v[0] == name), None)
-                if spec is not None and spec[2] <= float(s) < spec[3]:
+                spec = specs.get(name)
+                if spec is not None and spec[2] <= sk < spec[3]:
                     e = _ceiling_correct(spec[1], e, eps(fp, z, s), *spec[4:5])
             xs[name] = z + (s_next - s) * e
     fin = xs.pop("FP")
@@ -236,15 +239,12 @@ def _print_ceiling(ref, qd, rc, args) -> dict:
     for name, *_ in variants:
         m = res[name]
         rows.append({"variant": name, "latent_mse": float(m.mean()), "gap_closed": float(1 - m.mean() / base.mean()),
-                     "samples_improved": float((m < base).double().mean()),
-                     "median_gap_closed": float((1 - m / base.clamp_min(1e-30)).median())})
+                     **per_sample_spread(m, base)})
     print(f"ceiling of per-σ corrections: statistics measured live on seeds {args.ceiling_seeds} themselves "
           f"({rc.sampler}, {rc.steps} steps, cfg {rc.cfg})")
     print_table(["in-sample correction", "latent MSE", "gap closed %", "improved %", "median gap %"],
                 [[r["variant"], f"{r['latent_mse']:.5f}",
-                  f"{100 * r['gap_closed']:+.1f}" if "gap_closed" in r else "-",
-                  f"{100 * r['samples_improved']:.0f}" if "samples_improved" in r else "-",
-                  f"{100 * r['median_gap_closed']:+.1f}" if "median_gap_closed" in r else "-"] for r in rows])
+                  f"{100 * r['gap_closed']:+.1f}" if "gap_closed" in r else "-", *fmt_spread(r)] for r in rows])
     return {"seeds": args.ceiling_seeds, "split_sigma": split, "rows": rows}
 
 

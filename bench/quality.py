@@ -28,7 +28,9 @@ import time
 from ..calibration import CorrectionStats
 from ..evaluation import paired_bootstrap_ci
 from ..reference.model import load_reference
-from .common import emit_json, parse_presets, print_table, quant_label, quant_plan, set_threads
+from .common import (
+    emit_json, fmt_spread, parse_presets, per_sample_spread, print_table, quant_label, quant_plan, set_threads,
+)
 from .correct import auto_reason, calibrate_method, check_disjoint, corrected_sampler, expand_methods, plain_cost
 from .pipeline import (
     RunConfig, calibrate_static_ranges, decode, labels_for, parse_int_list, per_sample_metrics, quantized_denoiser,
@@ -122,10 +124,7 @@ def run(presets, samplers, seeds, classes, scheduler="normal", steps=20, cfg=Non
                     row["gap_closed"] = _ci(paired_bootstrap_ci(per["latent_mse"].numpy(), naive["latent_mse"].numpy(),
                                                                 stat="ratio"))
                     row["psnr_delta"] = _ci(paired_bootstrap_ci(per["psnr"].numpy(), naive["psnr"].numpy()))
-                    # how the mean gap is spread over samples: heavy tails make the mean and the typical sample differ
-                    mine, base = per["latent_mse"], naive["latent_mse"]
-                    row["samples_improved"] = float((mine < base).double().mean())
-                    row["median_gap_closed"] = float((1 - mine / base.clamp_min(1e-30)).median())
+                    row.update(per_sample_spread(per["latent_mse"], naive["latent_mse"]))
                 row["seconds"] = round(time.perf_counter() - t0, 1)
                 rows.append(row)
                 log(f"# {sampler}: {label} {method} sampled in {row['seconds']} s")
@@ -168,10 +167,7 @@ def print_result(res: dict) -> None:
         table.append([r["config"], r["method"], r["sampler"], "-" if fp else f"{r['psnr']:.2f}",
                       "-" if fp else f"{r['ssim']:.4f}", "-" if fp else f"{r['latent_mse']:.5f}",
                       "-" if fp else f"{r['fid_to_fp']:.3f}", f"{100 * r['class_acc']:.1f}",
-                      _fmt_ci(r.get("gap_closed"), pct=True),
-                      f"{100 * r['samples_improved']:.0f}" if "samples_improved" in r else "-",
-                      f"{100 * r['median_gap_closed']:+.1f}" if "median_gap_closed" in r else "-",
-                      _fmt_ci(r.get("psnr_delta")),
+                      _fmt_ci(r.get("gap_closed"), pct=True), *fmt_spread(r), _fmt_ci(r.get("psnr_delta")),
                       f"{r['calib_cost_ratio']:.2f}" if "calib_cost_ratio" in r else "-", r["n"]])
     print_table(["config", "method", "sampler", "PSNR dB", "SSIM", "latent MSE", "FID-to-FP", "acc %",
                  "MSE gap closed % [95% CI]", "improved %", "median gap %", "ΔPSNR dB [95% CI]", "calib cost ×", "N"], table)
