@@ -118,7 +118,12 @@ class SpatialTransformer(nn.Module):
 
 class UNet(nn.Module):
     """``unet(x, t, labels) -> ε``: x ``[B,4,14,14]`` (already multiplied by c_in), t ``[B]`` in
-    0..999, labels ``LongTensor[B]`` in 0..10 (10 = null class)."""
+    0..999, labels ``LongTensor[B]`` in 0..10 (10 = null class).
+
+    ``unet(x, t, context=tokens)`` takes the conditioning tokens ``[B, context_tokens,
+    context_dim]`` directly instead (what a host such as ComfyUI passes as cross-attention
+    conditioning); ``unet(x, t, context=unet.context(labels))`` equals ``unet(x, t, labels)``.
+    """
 
     def __init__(
         self,
@@ -165,9 +170,12 @@ class UNet(nn.Module):
         """Conditioning tokens ``[B, context_tokens, context_dim]`` for class labels (10 = null)."""
         return self.class_tokens(labels).reshape(-1, self.context_tokens, self.context_dim)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        if (labels is None) == (context is None):
+            raise ValueError("UNet.forward takes exactly one of labels (class ids) or context (tokens)")
         temb = self.time_embed(timestep_embedding(t, self.ch).to(x.dtype))
-        ctx = self.context(labels).to(x.dtype)
+        ctx = (self.context(labels) if context is None else context).to(x.dtype)
         h0 = self.conv_in(x)
         h1 = self.down0(h0, temb)
         h2 = self.downsample(h1)

@@ -149,6 +149,22 @@ def test_cfg1_equals_single_cond_pass(ref):
     assert not torch.allclose(out, guided)
 
 
+def test_unet_takes_class_tokens_as_context(ref):
+    # ComfyUI passes conditioning tokens, not labels: both paths must give the same ε.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 14, 14, generator=g)
+    t = torch.tensor([999.0, 500.0, 3.0])
+    labels = torch.tensor([2, 7, NULL_CLASS])
+    tokens = ref.unet.context(labels)
+    assert tokens.shape == (3, ref.unet.context_tokens, ref.unet.context_dim)
+    with torch.no_grad():
+        assert torch.equal(ref.unet(x, t, context=tokens), ref.unet(x, t, labels))
+    with pytest.raises(ValueError, match="exactly one"):
+        ref.unet(x, t)
+    with pytest.raises(ValueError, match="exactly one"):
+        ref.unet(x, t, labels, context=tokens)
+
+
 # ------------------------------------------------------------------ samples
 def _sample(ref, labels, cfg, steps, seed=0):
     sigmas = get_sigmas("normal", ref.denoiser.sigmas, steps)
