@@ -1,6 +1,6 @@
 """Evaluation against the full-precision run: per-sample metrics, FID to FP, per-step divergence,
-paired bootstrap confidence intervals. Plain torch/numpy; kornia is imported only when PSNR/SSIM
-are computed."""
+paired bootstrap confidence intervals, small error-per-step plots. Plain torch/numpy; kornia is
+imported only when PSNR/SSIM are computed."""
 
 from .fid import (
     feature_stats,
@@ -12,6 +12,7 @@ from .fid import (
     sqrtm_psd,
 )
 from .metrics import class_accuracy, class_correct, latent_mse, psnr, ssim
+from .plot import line_panels
 from .stats import BootstrapCI, paired_bootstrap_ci
 from .trajectory import TrajectoryRecorder, step_divergence
 
@@ -27,6 +28,7 @@ __all__ = [
     "inception_fid_available",
     "inception_fid_to_fp",
     "latent_mse",
+    "line_panels",
     "paired_bootstrap_ci",
     "psnr",
     "sqrtm_psd",
