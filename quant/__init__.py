@@ -12,6 +12,8 @@ from .observers import ActivationObserver
 from .plan import (
     PRESETS,
     QuantPlan,
+    fit_weight_type,
+    plan_summary,
     preset,
     quantization_plan,
     quantize_model,
@@ -24,7 +26,7 @@ from .qtypes import QTYPES, QType, activation_qtype, qtype, weight_qtype
 __all__ = [
     "ActQuantizer", "ActivationObserver", "PRESETS", "QTYPES", "QType", "QuantContext", "QuantConv2d",
     "QuantFileError", "QuantLinear", "QuantPlan", "QuantizationError", "SigmaScopedDenoiser",
-    "activation_qtype", "fake_quantize", "get_context", "load_quantized", "preset", "qtype",
-    "quantization_plan", "quantize_model", "quantized_layers", "read_plan", "resolve_plan",
-    "save_quantized", "set_activation_schedule", "sigma_scope", "weight_qtype",
+    "activation_qtype", "fake_quantize", "fit_weight_type", "get_context", "load_quantized",
+    "plan_summary", "preset", "qtype", "quantization_plan", "quantize_model", "quantized_layers",
+    "read_plan", "resolve_plan", "save_quantized", "set_activation_schedule", "sigma_scope", "weight_qtype",
 ]

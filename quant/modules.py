@@ -1,9 +1,17 @@
 """``QuantLinear`` and ``QuantConv2d``: layers whose weights are *stored* quantized.
 
-Only the integer codes, the fp16 scales (and zero points) and the bias stay resident; the weight
-is dequantized into the input's dtype (fp32, fp16 or bf16) at each call and the input goes through
-the layer's activation quantizer first. Moving the model to another dtype (``.half()``,
-``.to(torch.bfloat16)``) converts the bias but never the storage: scales stay fp16, codes stay int.
+The storage is one ``nn.Parameter`` named ``weight``: a 1-D uint8 blob holding the integer codes,
+the fp16 scales and (asymmetric types) the fp16 zero points (layout in ``weights.blob_layout``);
+``qweight``, ``scale`` and ``zero`` are read-only views into it. Only the blob and the bias stay
+resident; the weight is dequantized into the input's dtype (fp32, fp16 or bf16) at each call and
+the input goes through the layer's activation quantizer first. ``.half()`` / ``.to(torch.bfloat16)``
+convert the bias but never the blob (it is not floating point).
+
+The layers speak the weight-patching protocol ComfyUI's ModelPatcher uses (no ComfyUI import):
+``convert_weight`` turns a (float-cast) copy of the blob into the float weight a LoRA is added to,
+``set_weight`` re-quantizes the patched float weight into a new blob, and ``weight_function`` /
+``bias_function`` are float→float callables applied at each call (low-VRAM patches). Backing up and
+restoring ``<layer>.weight`` therefore restores codes, scales and zero points together.
 """
 
 from __future__ import annotations
@@ -13,16 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import ActQuantizer
-from .context import QuantContext
 from .errors import QuantizationError
 from .qtypes import QType, weight_qtype
-from .weights import dequantize_weight, quantize_weight, storage_shapes
-
-STORAGE = ("qweight", "scale", "zero")
+from .weights import blob_nbytes, check_fits, decode_blob, dequantize_blob, quantize_to_blob
 
 
 class _QuantLayer(nn.Module):
-    """Shared storage, dtype handling and description for the quantized layer types."""
+    """Shared storage, weight-patching protocol and description for the quantized layer types."""
 
     layer_type = "?"
 
@@ -30,61 +35,109 @@ class _QuantLayer(nn.Module):
         self.wqtype = qt
         self.weight_shape = tuple(weight_shape)
         self.layer = layer
-        out = weight_shape[0]
-        k = 1
-        for d in weight_shape[1:]:
-            k *= d
-        if qt.group_size and k % qt.group_size:
-            raise QuantizationError(
-                f"layer {layer!r}: group size {qt.group_size} does not divide its input size {k} "
-                f"(weight shape {tuple(weight_shape)}); choose another group size or exclude the layer"
-            )
-        if qt.packed and k % 2:
-            raise QuantizationError(
-                f"layer {layer!r}: int4 codes are packed two per byte, and its input size {k} is odd "
-                f"(weight shape {tuple(weight_shape)}); exclude the layer or keep it at 8 bits"
-            )
-        for name, (shape, dtype) in storage_shapes(qt, out, k).items():
-            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+        self.fallback: str | None = None  # why the plan chose another type than asked, if it did
+        check_fits(qt, self.weight_shape, layer)
+        nbytes = blob_nbytes(qt, self.weight_shape)
+        self.weight = nn.Parameter(torch.zeros(nbytes, dtype=torch.uint8), requires_grad=False)
         if bias is None:
             self.bias = None
         else:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # ModelPatcher's per-module switches; instance lists, never shared between layers
+        self.comfy_cast_weights = False
+        self.weight_function: list = []
+        self.bias_function: list = []
 
     def _load_weight(self, weight: torch.Tensor) -> None:
-        storage = quantize_weight(weight, self.wqtype, self.layer)
-        for name, t in storage.items():
-            getattr(self, name).copy_(t)
+        self.weight = nn.Parameter(quantize_to_blob(weight, self.wqtype, self.layer), requires_grad=False)
 
+    # read-only views into the blob -----------------------------------------------------------
     def _storage(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n) for n in STORAGE if n in self._buffers}
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_weight(self._storage(), self.wqtype, self.weight_shape, dtype)
+        return decode_blob(self.weight, self.wqtype, self.weight_shape)
 
     @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized weight (fp32), for code that inspects ``layer.weight``; not stored."""
-        return self.dequantized_weight(torch.float32)
+    def qweight(self) -> torch.Tensor:
+        """Integer codes: int8 ``[out, K]``, or int4 packed two per byte, uint8 ``[out, K/2]``."""
+        return self._storage()["qweight"]
 
-    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias.to(dtype)
+    @property
+    def scale(self) -> torch.Tensor:
+        """fp16 scales ``[out, groups]`` (``[out, 1]`` per channel)."""
+        return self._storage()["scale"]
 
-    def _apply(self, fn, recurse=True):
-        # Let .to()/.cuda()/.half() move the storage between devices but never change its dtype.
-        kept = {n: self._buffers[n] for n in STORAGE if n in self._buffers}
-        for n in kept:
-            del self._buffers[n]
+    @property
+    def zero(self) -> torch.Tensor | None:
+        """fp16 zero points ``[out, groups]`` of asymmetric types; ``None`` for symmetric ones."""
+        return self._storage().get("zero")
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight of ``weight_shape`` in ``dtype``, on the blob's device (never stored)."""
+        return dequantize_blob(self.weight, self.wqtype, self.weight_shape, dtype)
+
+    # the weight-patching protocol ComfyUI's ModelPatcher uses ---------------------------------
+    def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs) -> torch.Tensor:
+        """A copy of the blob (possibly cast to fp32/fp16/bf16, on any device) → the float weight.
+
+        Byte values 0..255 are exact in all three float types, so rounding recovers the blob.
+        The result has ``weight_shape``, the given dtype if floating (else fp32), the given device.
+        """
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        if weight.dtype != torch.uint8:
+            weight = torch.round(weight).clamp_(0, 255).to(torch.uint8)
         try:
-            super()._apply(fn, recurse)
-        finally:
-            for n, t in kept.items():
-                moved = fn(t)
-                self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
-        return self
+            return dequantize_blob(weight, self.wqtype, self.weight_shape, dtype)
+        except QuantizationError as exc:
+            raise QuantizationError(f"layer {self.layer!r}: convert_weight: {exc}") from None
+
+    def set_weight(
+        self,
+        weight: torch.Tensor,
+        inplace_update: bool = False,
+        seed: int | None = None,
+        return_weight: bool = False,
+        **kwargs,
+    ) -> torch.Tensor | None:
+        """Quantize a float weight (e.g. W + a LoRA delta) with fresh scales into a new blob.
+
+        ``return_weight=True`` returns the blob; otherwise it replaces ``self.weight`` (copied into
+        the current blob with ``inplace_update``, else a new Parameter), on the current blob's
+        device. ``seed`` (stochastic rounding in ComfyUI) is unused: rounding is to nearest.
+        """
+        if tuple(weight.shape) != self.weight_shape:
+            raise QuantizationError(
+                f"layer {self.layer!r}: set_weight got shape {tuple(weight.shape)}, the layer's weight "
+                f"is {self.weight_shape}"
+            )
+        blob = quantize_to_blob(weight, self.wqtype, self.layer).to(self.weight.device)
+        if return_weight:
+            return blob
+        if inplace_update:
+            with torch.no_grad():
+                self.weight.copy_(blob)
+        else:
+            self.weight = nn.Parameter(blob, requires_grad=False)
+        return None
+
+    def _weight_and_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dequantized weight and bias in ``x``'s dtype on ``x``'s device, patch functions applied."""
+        blob = self.weight
+        if blob.device != x.device:  # offloaded: bring the packed bytes, not a float copy
+            blob = blob.to(x.device, non_blocking=True)
+        w = dequantize_blob(blob, self.wqtype, self.weight_shape, x.dtype)
+        for f in self.weight_function:
+            w = f(w)
+        b = self.bias
+        if b is not None:
+            b = b.to(device=x.device, dtype=x.dtype, non_blocking=True)
+            for f in self.bias_function:
+                b = f(b)
+        return w, b
 
     def describe(self) -> dict:
-        return {"type": self.layer_type, "weight": self.wqtype.name, **self.act.describe(), **self._extra()}
+        d = {"type": self.layer_type, "weight": self.wqtype.name, **self.act.describe(), **self._extra()}
+        if self.fallback:
+            d["fallback"] = self.fallback
+        return d
 
     def _extra(self) -> dict:
         return {}
@@ -115,8 +168,8 @@ class QuantLinear(_QuantLayer):
         return q.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(x)
-        return F.linear(x, self.dequantized_weight(x.dtype), self._bias(x.dtype))
+        w, b = self._weight_and_bias(x)
+        return F.linear(self.act(x), w, b)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight={self.wqtype.name}"
@@ -165,9 +218,8 @@ class QuantConv2d(_QuantLayer):
         return q.to(conv.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(x)
-        w = self.dequantized_weight(x.dtype)
-        return F.conv2d(x, w, self._bias(x.dtype), self.stride, self.padding, self.dilation, self.groups)
+        w, b = self._weight_and_bias(x)
+        return F.conv2d(self.act(x), w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def _extra(self) -> dict:
         return {

@@ -9,12 +9,18 @@ The default plan keeps the first and last convolution and the time/class-embeddi
 everything downstream. "First"/"last" are found by registration order, which is the data-flow
 order in SD-style UNets (``input_blocks.0.0`` / ``out.2`` in ComfyUI's, ``conv_in`` / ``conv_out``
 in the reference model).
+
+A layer whose flattened input size ``K`` the plan's weight type cannot store (a group size that
+does not divide ``K``, or an odd ``K`` for int4's two-codes-per-byte packing) is not a reason to
+refuse the model: it gets the nearest workable type (:func:`fit_weight_type`), and the choice is
+recorded per layer (``fallback`` in its plan entry, ``kept`` for layers left in 16-bit).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 
 from torch import nn
@@ -23,9 +29,12 @@ from .activations import MODES, ActQuantizer
 from .context import attach_context, get_context
 from .errors import QuantizationError
 from .modules import QUANT_LAYERS, QuantConv2d, QuantLinear
-from .qtypes import ACTIVATION, qtype, weight_qtype
+from .qtypes import ACTIVATION, GROUP_SIZES, qtype, weight_qtype
+from .weights import input_size, misfit
 
 PLAN_FORMAT = 1
+PLAN_ATTR = "qcorrect_quant_plan"
+KEPT_ATTR = "qcorrect_kept_layers"
 
 #: names of the layers that carry the time (and class) embedding in common UNets
 TIME_EMBED_PATTERNS = (
@@ -100,8 +109,36 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def fit_weight_type(name: str, k: int) -> tuple[str | None, str | None]:
+    """The weight type a layer with ``k`` inputs gets when the plan asks for ``name``, and why.
+
+    Returns ``(name, None)`` when it fits. Otherwise, for a group type, the largest registered
+    group size that divides ``k``; else per-channel int4 of the same symmetry if ``k`` is even;
+    else ``None`` (keep the layer in 16-bit). The second element is a note such as
+    ``"K=36 not divisible by 64 → uint4 per-channel"``.
+    """
+    qt = weight_qtype(name)
+    why = misfit(qt, k)
+    if why is None:
+        return qt.name, None
+    base = "int4" if qt.symmetric else "uint4"
+    if why == "group":
+        reason = f"K={k} not divisible by {qt.group_size}"
+        for g in sorted(GROUP_SIZES, reverse=True):
+            if k % g == 0:
+                return f"{base}_g{g}", f"{reason} → {base}_g{g}"
+        if k % 2 == 0:
+            return base, f"{reason} → {base} per-channel"
+        return None, f"{reason} and odd → kept 16-bit"
+    return None, f"K={k} is odd (int4 packs two codes per byte) → kept 16-bit"
+
+
 def resolve_plan(module: nn.Module, plan: QuantPlan | str | None = None) -> dict[str, dict]:
-    """Per-layer decisions: ``{name: {"type", "weight", "act", "act_mode"}}``; kept layers get ``weight=None``."""
+    """Per-layer decisions: ``{name: {"type", "weight", "act", "act_mode", "fallback"}}``.
+
+    Kept layers get ``weight=None``; ``fallback`` is ``None`` unless the layer's input size made
+    the plan pick another weight type (or keep it in 16-bit), in which case it says why.
+    """
     plan = _as_plan(plan)
     layers = [(n, m) for n, m in module.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
     convs = [n for n, m in layers if isinstance(m, nn.Conv2d)]
@@ -111,11 +148,13 @@ def resolve_plan(module: nn.Module, plan: QuantPlan | str | None = None) -> dict
         if not _matches(name, plan.include) or _matches(name, plan.exclude):
             continue
         kept = name in edge or _matches(name, plan.keep_patterns)
+        weight, note = (None, None) if kept else fit_weight_type(plan.weights, input_size(m.weight.shape))
         decisions[name] = {
             "type": "linear" if isinstance(m, nn.Linear) else "conv2d",
-            "weight": None if kept else plan.weights,
-            "act": None if kept else plan.activations,
-            "act_mode": "none" if kept else plan.act_mode,
+            "weight": weight,
+            "act": None if weight is None else plan.activations,
+            "act_mode": "none" if weight is None else plan.act_mode,
+            "fallback": note,
         }
     return decisions
 
@@ -139,7 +178,12 @@ def quantize_model(module: nn.Module, plan: QuantPlan | str | None = None) -> nn
         raise QuantizationError("quantize_model needs a container module (e.g. a UNet), not a single layer")
     decisions = resolve_plan(module, plan)
     if not any(d["weight"] for d in decisions.values()):
-        raise QuantizationError("the plan selects no layer to quantize (check include/exclude patterns)")
+        fell_back = any(d["fallback"] for d in decisions.values())
+        raise QuantizationError(
+            "the plan selects no layer to quantize ("
+            + ("every selected layer's input size fits no int4 storage; try int8" if fell_back
+               else "check include/exclude patterns") + ")"
+        )
     context = get_context(module) or attach_context(module)
     replacements = {}
     for name, d in decisions.items():
@@ -150,22 +194,55 @@ def quantize_model(module: nn.Module, plan: QuantPlan | str | None = None) -> nn
         act = ActQuantizer(d["act"], d["act_mode"], context, name)
         cls = QuantLinear if d["type"] == "linear" else QuantConv2d
         replacements[name] = cls.from_float(layer, d["weight"], act, name)
+        replacements[name].fallback = d["fallback"]
     for name, new in replacements.items():
         _set_submodule(module, name, new)
-    module.__dict__["qcorrect_quant_plan"] = plan
+    module.__dict__[PLAN_ATTR] = plan
+    module.__dict__[KEPT_ATTR] = {n: d["fallback"] for n, d in decisions.items() if d["weight"] is None}
     return module
 
 
 def quantization_plan(module: nn.Module) -> dict:
-    """The JSON-able per-layer plan of a quantized module (what ``load_quantized`` rebuilds from)."""
+    """The JSON-able per-layer plan of a quantized module (what ``load_quantized`` rebuilds from).
+
+    ``layers`` describes each quantized layer (with a ``fallback`` note where its input size made
+    the plan choose another weight type); ``kept`` maps the layers the plan left in 16-bit to
+    ``None`` (kept by the plan: edges, time embedding) or the fallback note that kept them.
+    """
     layers = {name: m.describe() for name, m in module.named_modules() if isinstance(m, QUANT_LAYERS)}
-    plan = module.__dict__.get("qcorrect_quant_plan")
+    plan = module.__dict__.get(PLAN_ATTR)
     return {
         "format": PLAN_FORMAT,
         "preset": None if plan is None else plan.preset,
         "plan": None if plan is None else json.loads(plan.to_json()),
         "layers": layers,
+        "kept": dict(module.__dict__.get(KEPT_ATTR, {})),
     }
+
+
+def plan_summary(module: nn.Module) -> str:
+    """One line, e.g. ``"W4A8: 120 layers quantized, 3 with a fallback (2 per-channel, 1 kept
+    16-bit), 4 kept 16-bit by the plan"``."""
+    layers = quantized_layers(module)
+    plan = module.__dict__.get(PLAN_ATTR)
+    if plan is None:
+        title = "quantized model"
+    else:
+        title = plan.preset or f"{plan.weights}/{plan.activations or 'a16'} {plan.act_mode}"
+    if not layers:
+        return f"{title}: no quantized layer"
+    kept = module.__dict__.get(KEPT_ATTR, {})
+    kinds = Counter()
+    for m in layers.values():
+        if m.fallback:
+            kinds[f"group {m.wqtype.group_size}" if m.wqtype.group_size else "per-channel"] += 1
+    kinds["kept 16-bit"] = sum(1 for note in kept.values() if note)
+    n_fallback = sum(kinds.values())
+    order = sorted((k for k in kinds if k.startswith("group")), key=lambda k: -int(k.split()[1]))
+    detail = ", ".join(f"{kinds[k]} {k}" for k in [*order, "per-channel", "kept 16-bit"] if kinds[k])
+    text = f"{title}: {len(layers)} layer{'s' if len(layers) != 1 else ''} quantized"
+    text += f", {n_fallback} with a fallback ({detail})" if n_fallback else ", no fallback"
+    return text + f", {sum(1 for note in kept.values() if not note)} kept 16-bit by the plan"
 
 
 def quantized_layers(module: nn.Module) -> dict[str, nn.Module]:
@@ -190,6 +267,7 @@ def set_activation_schedule(module: nn.Module, schedule: list, patterns: tuple[s
 
 
 __all__ = [
-    "PRESETS", "QuantPlan", "preset", "quantize_model", "quantization_plan", "quantized_layers",
-    "resolve_plan", "set_activation_schedule", "TIME_EMBED_PATTERNS",
+    "PRESETS", "QuantPlan", "fit_weight_type", "plan_summary", "preset", "quantize_model",
+    "quantization_plan", "quantized_layers", "resolve_plan", "set_activation_schedule",
+    "TIME_EMBED_PATTERNS",
 ]

@@ -22,7 +22,7 @@ PER_TENSOR = "per_tensor"
 
 ACT_MIN_BITS = 4
 ACT_MAX_BITS = 16
-GROUP_SIZES = (64, 128)
+GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ QTYPES: dict[str, QType] = {**_weight_types(), **_activation_types()}
 
 
 def qtype(name: str | QType) -> QType:
-    """Look a type up by name (``"int8"``, ``"uint4"``, ``"int4_g64"``, ``"uint4_g128"``, ``"a8"``, ``"a10_asym"`` …)."""
+    """Look a type up by name (``"int8"``, ``"uint4"``, ``"int4_g32"``, ``"uint4_g64"``, ``"a8"``, ``"a10_asym"`` …)."""
     if isinstance(name, QType):
         return name
     try:

@@ -12,6 +12,11 @@ Storage (ALGORITHMS.md §1 for the per-channel convention):
 
 Scales are rounded to fp16 *before* the codes are computed, so the stored (codes, scale) pair is
 the one the rounding was done for.
+
+A quantized layer keeps its storage as one 1-D uint8 *blob*: the codes' bytes, then the scale's
+bytes, then (asymmetric types) the zero point's, each fp16 part starting on an even byte so it can
+be viewed in place (:func:`blob_layout`, :func:`encode_blob`, :func:`decode_blob`). One tensor is
+what ComfyUI's ModelPatcher backs up, patches and restores per ``<layer>.weight`` key.
 """
 
 from __future__ import annotations
@@ -49,6 +54,39 @@ def _grouped(w2d: torch.Tensor, group: int) -> torch.Tensor:
     return w2d.reshape(out, k // group, group)
 
 
+def input_size(weight_shape: torch.Size | tuple) -> int:
+    """``K``, the flattened input size of a Linear/Conv2d weight (``in/groups·kh·kw`` for a conv)."""
+    k = 1
+    for d in tuple(weight_shape)[1:]:
+        k *= d
+    return k
+
+
+def misfit(qt: QType, k: int) -> str | None:
+    """Why a weight type cannot store rows of ``k`` inputs (``None`` when it can)."""
+    if qt.packed and k % 2:
+        return "odd"
+    if qt.group_size and k % qt.group_size:
+        return "group"
+    return None
+
+
+def check_fits(qt: QType, weight_shape: torch.Size | tuple, layer: str = "?") -> None:
+    """Raise a :class:`QuantizationError` naming the layer if ``qt`` cannot store this weight."""
+    k = input_size(weight_shape)
+    why = misfit(qt, k)
+    if why == "odd":
+        raise QuantizationError(
+            f"layer {layer!r}: int4 codes are packed two per byte, and its input size {k} is odd "
+            f"(weight shape {tuple(weight_shape)}); exclude the layer or keep it at 8 bits"
+        )
+    if why == "group":
+        raise QuantizationError(
+            f"layer {layer!r}: group size {qt.group_size} does not divide its input size {k} "
+            f"(weight shape {tuple(weight_shape)}); choose another group size or exclude the layer"
+        )
+
+
 def quantize_weight(weight: torch.Tensor, qt: QType, layer: str = "?") -> dict[str, torch.Tensor]:
     """Quantize a Linear/Conv2d weight; returns the storage tensors (``qweight``, ``scale``[, ``zero``])."""
     if not torch.isfinite(weight).all():
@@ -59,18 +97,8 @@ def quantize_weight(weight: torch.Tensor, qt: QType, layer: str = "?") -> dict[s
         scale = (w.abs().amax(dim=1, keepdim=True) / qt.qmax).clamp_min(_FP16_TINY).half()
         q = torch.round(w / scale.float()).clamp_(qt.qmin, qt.qmax).to(torch.int8)
         return {"qweight": q, "scale": scale}
-    group = _group(qt, k)
-    if k % 2:
-        raise QuantizationError(
-            f"layer {layer!r}: int4 codes are packed two per byte, and its input size {k} is odd "
-            f"(weight shape {tuple(weight.shape)}); exclude the layer or keep it at 8 bits"
-        )
-    if k % group:
-        raise QuantizationError(
-            f"layer {layer!r}: group size {group} does not divide its input size {k} "
-            f"(weight shape {tuple(weight.shape)}); choose another group size or exclude the layer"
-        )
-    g = _grouped(w, group)
+    check_fits(qt, weight.shape, layer)
+    g = _grouped(w, _group(qt, k))
     if qt.symmetric:
         scale = (g.abs().amax(dim=2, keepdim=True) / qt.qmax).clamp_min(_FP16_TINY).half()
         q = torch.round(g / scale.float()).clamp_(qt.qmin, qt.qmax) - qt.qmin  # stored as 0..14
@@ -119,3 +147,73 @@ def storage_shapes(qt: QType, out: int, k: int) -> dict[str, tuple[tuple[int, ..
     if not qt.symmetric:
         shapes["zero"] = ((out, groups), torch.float16)
     return shapes
+
+
+def blob_layout(qt: QType, weight_shape: torch.Size | tuple) -> tuple[dict[str, tuple[int, tuple, torch.dtype]], int]:
+    """Where each storage tensor lies in the blob: ``({name: (byte offset, shape, dtype)}, total bytes)``.
+
+    The parts follow one another in the order codes, scale, zero; a part starts at the next
+    multiple of its item size (at most one padding byte, before the scale when the codes' byte
+    count is odd).
+    """
+    check_fits(qt, weight_shape)
+    layout, offset = {}, 0
+    for name, (shape, dtype) in storage_shapes(qt, weight_shape[0], input_size(weight_shape)).items():
+        offset = -(-offset // dtype.itemsize) * dtype.itemsize
+        layout[name] = (offset, shape, dtype)
+        n = 1
+        for d in shape:
+            n *= d
+        offset += n * dtype.itemsize
+    return layout, offset
+
+
+def blob_nbytes(qt: QType, weight_shape: torch.Size | tuple) -> int:
+    return blob_layout(qt, weight_shape)[1]
+
+
+def encode_blob(storage: dict[str, torch.Tensor], qt: QType, weight_shape: torch.Size | tuple) -> torch.Tensor:
+    """Storage tensors → one uint8 blob (on the storage's device)."""
+    layout, total = blob_layout(qt, weight_shape)
+    device = storage["qweight"].device
+    blob = torch.zeros(total, dtype=torch.uint8, device=device)
+    for name, (offset, shape, dtype) in layout.items():
+        t = storage[name]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise QuantizationError(
+                f"storage tensor {name!r} is {t.dtype} {tuple(t.shape)}; {qt.name} needs {dtype} {shape}"
+            )
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        blob[offset : offset + raw.numel()] = raw.to(device)
+    return blob
+
+
+def decode_blob(blob: torch.Tensor, qt: QType, weight_shape: torch.Size | tuple) -> dict[str, torch.Tensor]:
+    """uint8 blob → storage tensors (``qweight``, ``scale``[, ``zero``]): views into the blob, no copy."""
+    layout, total = blob_layout(qt, weight_shape)
+    if blob.dtype != torch.uint8 or tuple(blob.shape) != (total,):
+        raise QuantizationError(
+            f"a {qt.name} blob for weight shape {tuple(weight_shape)} is uint8 ({total},), "
+            f"got {blob.dtype} {tuple(blob.shape)}"
+        )
+    if blob.storage_offset() % 2 or not blob.is_contiguous():
+        blob = blob.clone()  # a misaligned slice of a larger buffer cannot be viewed as fp16
+    storage = {}
+    for name, (offset, shape, dtype) in layout.items():
+        n = 1
+        for d in shape:
+            n *= d
+        storage[name] = blob[offset : offset + n * dtype.itemsize].view(dtype).view(shape)
+    return storage
+
+
+def quantize_to_blob(weight: torch.Tensor, qt: QType, layer: str = "?") -> torch.Tensor:
+    """:func:`quantize_weight` then :func:`encode_blob`."""
+    check_fits(qt, weight.shape, layer)
+    return encode_blob(quantize_weight(weight, qt, layer), qt, weight.shape)
+
+
+def dequantize_blob(
+    blob: torch.Tensor, qt: QType, shape: torch.Size | tuple, dtype: torch.dtype
+) -> torch.Tensor:
+    return dequantize_weight(decode_blob(blob, qt, shape), qt, shape, dtype)

@@ -132,10 +132,12 @@ def test_nan_in_file(tmp_path):
     with safe_open(path, "pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors["block.2.scale"][0, 0] = float("nan")
+    from qcorrect.quant import qtype
+    from qcorrect.quant.weights import decode_blob
+    decode_blob(tensors["block.2.weight"], qtype("uint4_g64"), (64, 64, 3, 3))["scale"][0, 0] = float("nan")
     save_file(tensors, path, meta)
     sk = make_toy()
-    with pytest.raises(QuantFileError, match="'block.2.scale'.*NaN"):
+    with pytest.raises(QuantFileError, match="'block.2.weight'.*NaN.*scale"):
         load_quantized(sk, path)
     assert _untouched(sk)
 

@@ -9,7 +9,8 @@ WEIGHT_TYPES = [n for n, t in QTYPES.items() if t.kind == WEIGHT]
 
 
 def test_registry_names_and_ranges():
-    assert set(WEIGHT_TYPES) == {"int8", "int4", "uint4", "int4_g64", "int4_g128", "uint4_g64", "uint4_g128"}
+    assert set(WEIGHT_TYPES) == {"int8", "int4", "uint4", "int4_g32", "int4_g64", "int4_g128",
+                                 "uint4_g32", "uint4_g64", "uint4_g128"}
     assert qtype("uint4").packed and qtype("uint4").granularity == qtype("int8").granularity
     assert (qtype("int8").qmin, qtype("int8").qmax) == (-127, 127)
     assert (qtype("uint4_g64").qmin, qtype("uint4_g64").qmax) == (0, 15)
