@@ -1,9 +1,7 @@
 """Correction methods as the benchmarks name them, calibration on held-out seeds, corrected samplers.
 
-A *method* is an engine configuration plus the calibration's ACC switch. Single methods are the
-engine presets; combinations follow ALGORITHMS.md §8.2 (one output correction, at most one latent
-correction, StepbaQ or VSC for the variance); the ``stepbaq_*`` entries are the cumulative ablation
-of StepbaQ's Table 2 (none → +TIA → +LA → +SSA → +ACC, ACC off until the last).
+The methods themselves (engine configuration + ACC switch) are ``calibration/methods.py``'s table,
+shared with the ComfyUI nodes.
 """
 
 from __future__ import annotations
@@ -14,40 +12,17 @@ import torch
 
 from ..calibration import CalibrationConfig, CorrectionEngine, CorrectionStats, EngineConfig, calibrate, model_fingerprint
 from ..calibration.collect import COLLECTOR_SAMPLERS
-from ..calibration.validate import AUTO_PREFERRED, auto_config, calibrate_checked
+from ..calibration.methods import METHODS, calibration_engine, sampling_engine
+from ..calibration.validate import auto_config, calibrate_checked
 from ..reference.samplers import SAMPLERS
 from ..reference.schedules import get_sigmas
 from .pipeline import PerSampleNoise, RunConfig, initial_noise, labels_for, start_latent
 
-_SBQ = dict(stepbaq_tia=True, stepbaq_la=True, stepbaq_ssa=True)
-_PTQD = dict(ptqd_cnc=True, ptqd_bc=True)
-
-METHODS: dict[str, tuple[dict, bool]] = {
-    "none": ({}, True),
-    "ptqd": (_PTQD, True),
-    "ptqd_vsc": ({**_PTQD, "ptqd_vsc": True}, True),
-    "tac_ner": (dict(tac_ner=True), True),
-    "tac": (dict(tac_ner=True, tac_ibc=True), True),
-    "tcec": (dict(tcec=True), True),
-    "stepbaq": (_SBQ, True),
-    "ptqd_ibc": ({**_PTQD, "tac_ibc": True}, True),
-    "ptqd_stepbaq": ({**_PTQD, **_SBQ}, True),
-    "tac_ner_stepbaq": ({"tac_ner": True, **_SBQ}, True),
-    "tcec_stepbaq": ({"tcec": True, **_SBQ}, True),
-    # the Corrected KSampler's default: AUTO_PREFERRED (TCEC), kept only if a cross-fitted end-to-end
-    # check on the calibration seeds shows it lowers the error (calibration/validate.py); otherwise uncorrected.
-    # Its engine comes from EngineConfig.preset(AUTO_PREFERRED), not from this table.
-    "auto": ({}, True),
-    # StepbaQ ablation (Table 2 of the paper), cumulative
-    "stepbaq_tia": (dict(stepbaq_tia=True), False),
-    "stepbaq_tia_la": (dict(stepbaq_tia=True, stepbaq_la=True), False),
-    "stepbaq_tia_la_ssa": (_SBQ, False),
-}
 ALONE = ["ptqd", "tac_ner", "tac", "tcec", "stepbaq"]
 COMBOS = ["ptqd_ibc", "ptqd_stepbaq", "tac_ner_stepbaq", "tcec_stepbaq"]
 ABLATION = ["none", "stepbaq_tia", "stepbaq_tia_la", "stepbaq_tia_la_ssa", "stepbaq"]
 BEST = "ptqd_stepbaq"
-#: what the demo (and later the Corrected KSampler) uses: "auto" = TCEC guarded by a cross-fitted
+#: what the demo (and the Corrected KSampler) uses: "auto" = TCEC guarded by a cross-fitted
 #: end-to-end check on the calibration seeds. On the reference model's W4A8 no method closes the gap
 #: (docs/BENCHMARKS.md); TCEC is the least harmful, and the guard makes the default fall back to
 #: uncorrected sampling where the check shows no gain on calibration samples held out from the fit.
@@ -73,11 +48,7 @@ def expand_methods(text: str, samplers: list[str]) -> list[str]:
 
 
 def engine_config(method: str, stats: CorrectionStats | None = None) -> EngineConfig:
-    if method == "auto":
-        if stats is None:
-            raise ValueError("'auto' needs the statistics (its end-to-end check decides)")
-        return auto_config(stats)[0]
-    return EngineConfig(**METHODS[method][0])
+    return sampling_engine(method, stats)[0]
 
 
 def calibrate_method(ref, qden, method: str, rc: RunConfig, seeds: list[int], classes: list[int],
@@ -85,8 +56,7 @@ def calibrate_method(ref, qden, method: str, rc: RunConfig, seeds: list[int], cl
     """Calibrate ``method`` for the quantized denoiser on the given (held-out) seeds; returns (stats, seconds)."""
     if rc.sampler not in COLLECTOR_SAMPLERS and rc.sampler != "ddim":
         raise SystemExit(f"calibration steps {COLLECTOR_SAMPLERS} only; got sampler {rc.sampler!r}")
-    kwargs, acc = METHODS[method]
-    engine = EngineConfig.preset(AUTO_PREFERRED) if method == "auto" else EngineConfig(**kwargs)
+    engine, acc = calibration_engine(method)
     sigmas = get_sigmas(rc.scheduler, ref.denoiser.sigmas, rc.steps)
     labels = labels_for(seeds, classes)
     noise = initial_noise(seeds, (4, 14, 14))

@@ -113,7 +113,7 @@ def _eps(x_in, denoised, sigma_call):
 @torch.no_grad()
 def calibrate(fp_model, q_model, noise: torch.Tensor, sigmas, extra_args: dict | None = None, *,
               engine: EngineConfig | None = None, config: CalibrationConfig | None = None, grid_sigmas=None,
-              meta: dict | None = None, progress=None) -> CorrectionStats:
+              meta: dict | None = None, progress=None, x_init: torch.Tensor | None = None) -> CorrectionStats:
     """Calibrate the corrections of ``engine`` for ``q_model`` against ``fp_model``.
 
     ``noise`` [N, C, ...] is the standard-normal initial noise of the N calibration samples
@@ -121,7 +121,9 @@ def calibrate(fp_model, q_model, noise: torch.Tensor, sigmas, extra_args: dict |
     conditioning (tensors with first dimension N are split per sample, others shared);
     ``grid_sigmas`` the model's training σ grid (StepbaQ's "τ > t" test); ``meta`` extra
     :class:`StatsMeta` fields (``model_fingerprint``, ``quantization``, ``scheduler``, ``cfg``…);
-    ``progress(step, total)`` is called after every step.
+    ``progress(step, total)`` is called after every step. ``x_init`` [N, C, ...] is the latent both
+    trajectories start from (default ``σ_0·noise``); ComfyUI starts from ``latent + noise·√(1+σ_0²)``
+    at full denoise and ``latent + σ_0·noise`` below it, which the nodes pass here.
     """
     engine = engine or EngineConfig.preset("ptqd_stepbaq")
     config = config or CalibrationConfig()
@@ -157,7 +159,9 @@ def calibrate(fp_model, q_model, noise: torch.Tensor, sigmas, extra_args: dict |
 
     need_q = config.mode == "progressive" or latent != "none"
     need_fp = config.mode == "teacher_forced" or latent != "none"
-    x0 = noise * sched[0]
+    x0 = noise * sched[0] if x_init is None else x_init.to(device=noise.device, dtype=noise.dtype)
+    if x0.shape != noise.shape:
+        raise CalibrationError(f"x_init has shape {tuple(x0.shape)} but the noise has {tuple(noise.shape)}")
     q = _Trajectory(x0.clone()) if need_q else None
     fp = _Trajectory(x0.clone()) if need_fp else None
     synced = True

@@ -196,6 +196,8 @@ class CorrectionEngine:
         eta = float(opts.get("eta", 1.0))
         plan = build_plan(self.stats, cfg, sigmas, sampler=name, eta=eta, device=x.device)
         self.last_plan = plan
+        if plan.identity:  # neutral statistics: exactly the plain sampler
+            return sample_fn(model, x, sigmas, extra_args, callback, disable, **opts)
         if cfg.uses_steps and kind == "other":
             warnings.warn(f"sampler {name!r} evaluates intermediate σ's: StepbaQ, IBC and VSC are off for it; only "
                           "the output correction is applied", stacklevel=2)

@@ -169,14 +169,16 @@ def end_to_end_check(fp_model, q_model, stats, engine_cfg: EngineConfig, sample_
 def calibrate_checked(fp_model, q_model, noise: torch.Tensor, sigmas, extra_args: dict | None = None, *,
                       engine: EngineConfig, sample_fn, sampler_name: str, x_init: torch.Tensor | None = None,
                       folds: int = 4, noise_factory=None, config=None, grid_sigmas=None, meta: dict | None = None,
-                      progress=None, check_batch_size: int | None = None):
+                      progress=None, check_batch_size: int | None = None, calibrate_from_x_init: bool = False):
     """Calibrate ``engine`` fold by fold and attach a cross-fitted end-to-end check.
 
     Arguments as :func:`~qcorrect.calibration.collect.calibrate` (``noise`` the calibration set's
     standard-normal noise) and :func:`end_to_end_check` (``x_init`` the starting latents the sampler
     sees, default ``noise·σ_0``; ``noise_factory`` the ancestral draws). ``progress(done, total)``
     counts calibration steps over all folds. With fewer than two samples the check is in-sample.
-    Returns the merged statistics, carrying the check in ``meta.validation``.
+    With ``calibrate_from_x_init`` the calibration trajectories start from ``x_init`` too (the
+    ComfyUI nodes: the sampler's own starting latent); otherwise from ``noise·σ_0`` as in
+    :func:`calibrate`. Returns the merged statistics, carrying the check in ``meta.validation``.
     """
     if noise is None or noise.ndim < 3 or noise.shape[0] == 0:
         raise CalibrationError("the calibration set is empty: give at least one noise sample [N ≥ 1, C, H, W]")
@@ -188,8 +190,9 @@ def calibrate_checked(fp_model, q_model, noise: torch.Tensor, sigmas, extra_args
     fold_stats = []
     for k, sl in enumerate(slices):
         tick = None if progress is None else (lambda i, tot, k=k: progress(k * steps + i, len(slices) * steps))
+        start = x_init[sl] if (calibrate_from_x_init and x_init is not None) else None
         fold_stats.append(calibrate(fp_model, q_model, noise[sl], sigmas, slice_extra(extra, sl, n), engine=engine,
-                                    config=config, grid_sigmas=grid_sigmas, meta=meta, progress=tick))
+                                    config=config, grid_sigmas=grid_sigmas, meta=meta, progress=tick, x_init=start))
     merged = _merged(fold_stats)
     x0 = noise * torch.as_tensor(sigmas, dtype=noise.dtype)[0] if x_init is None else x_init
     check = end_to_end_check(fp_model, q_model, fold_stats if len(fold_stats) > 1 else merged, engine, sample_fn, x0,

@@ -1,0 +1,196 @@
+"""Adapters between ComfyUI's MODEL (a ModelPatcher) and the pack's quantization core.
+
+A quantized MODEL is a *new* model object, never an edit of the input one: ComfyUI's
+``ModelPatcher.clone()`` shares the underlying model, so :func:`quantized_clone` first makes a
+structural copy of the model (new module objects; the tensors of the layers that stay in 16-bit
+share their storage with the input, so no RAM is duplicated), quantizes the copy's diffusion model
+with ``quant.quantize_model`` and hands it to a clone of the input patcher. The input MODEL, and
+every graph that uses it, is untouched.
+
+LoRA and other weight patches:
+
+* placed **before** Quantize Model (patches on the input patcher): the patched weights of the
+  layers being quantized are computed with ComfyUI's own ``comfy.lora.calculate_weight`` and
+  quantized — W + ΔW is rounded once — and those patches are dropped from the clone; patches of the
+  layers that stay in 16-bit are kept and applied by ComfyUI as usual;
+* placed **after** (patches added to the quantized MODEL): ComfyUI applies them through the
+  quantized layers' ``convert_weight``/``set_weight`` (dequantize, add ΔW, requantize) on a full
+  load, and through ``weight_function`` (applied to the dequantized weight at each call) on a
+  partial, low-VRAM load (``quant/modules.py``).
+
+Weights are read clean: where ComfyUI currently has patches applied to the shared model (it patches
+in place while a model is loaded), the patcher's backup holds the originals and the copy takes those.
+
+The quantized model's activation quantizers read the σ of the model call (static per-σ ranges,
+Relax Timesteps' bit-width schedules) from the model's own ``QuantContext``; a keyed
+``APPLY_MODEL`` wrapper publishes it for each call. It finds the context through the model being
+run (``executor.class_obj``), so a copy of the model (Relax Timesteps) gets its own σ.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+
+import comfy.lora
+import comfy.model_management
+import comfy.model_sampling
+import comfy.patcher_extension
+import comfy.utils
+import torch
+from torch import nn
+
+from ..calibration import model_fingerprint
+from ..quant import QuantizationError, quantize_model, resolve_plan, sigma_scope
+from ..quant.modules import QUANT_LAYERS
+
+SIGMA_WRAPPER_KEY = "qcorrect.sigma_scope"
+_BOOKKEEPING = {  # ComfyUI's per-model load state: a new model starts unloaded
+    "model_lowvram": False, "lowvram_patch_counter": 0, "model_loaded_weight_memory": 0,
+    "model_offload_buffer_memory": 0, "current_weight_patches_uuid": None,
+}
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+             if hasattr(torch, n))
+
+
+class ModelMismatchError(ValueError):
+    """Two inputs that must belong together do not (shown in the UI as the node's error)."""
+
+
+def diffusion_model(model) -> nn.Module:
+    return model.get_model_object("diffusion_model")
+
+
+def is_qcorrect_quantized(model) -> bool:
+    return any(isinstance(m, QUANT_LAYERS) for m in diffusion_model(model).modules())
+
+
+def foreign_quantization(model) -> str | None:
+    """A description of quantization done by ComfyUI itself (fp8 weight dtypes, comfy_quant layers)."""
+    dm = diffusion_model(model)
+    fp8 = sum(1 for p in dm.parameters() if p.dtype in _FP8)
+    special = sum(1 for p in dm.parameters() if type(p.data) not in (torch.Tensor, nn.Parameter))
+    if fp8:
+        return f"{fp8} weights stored in an fp8 dtype (ComfyUI's fp8 weight_dtype)"
+    if special:
+        return f"{special} weights stored as ComfyUI quantized tensors (comfy_quant)"
+    if getattr(model.model, "manual_cast_dtype", None) is not None and any(
+            p.dtype in _FP8 for p in model.model.parameters()):
+        return "fp8 weights"
+    return None
+
+
+def prediction_type(model) -> str:
+    """"eps" or "v" (what the correction engine supports); anything else is refused."""
+    ms = model.get_model_object("model_sampling")
+    if not isinstance(ms, comfy.model_sampling.EDM):
+        if isinstance(ms, comfy.model_sampling.V_PREDICTION):
+            return "v"
+        if isinstance(ms, comfy.model_sampling.EPS):
+            return "eps"
+    raise ModelMismatchError(
+        f"the model's prediction type ({type(ms).__name__}) is not supported by the correction engine yet; "
+        "it corrects ε- and v-prediction models (SD1.x, SD2.x, SDXL)")
+
+
+def latent_channels(model) -> int:
+    return int(model.get_model_object("latent_format").latent_channels)
+
+
+def fingerprint(model) -> str:
+    """The fingerprint of the diffusion model as stored (quantized storage included, patches not)."""
+    return model_fingerprint(diffusion_model(model))
+
+
+def _structural_copy(module: nn.Module) -> nn.Module:
+    """New module objects; parameters are new Parameter objects over the same storage, buffers shared.
+
+    New Parameter objects matter: ``Module.to()`` replaces ``param.data`` in place, so a shared
+    Parameter would move (or be unloaded) together with the other model.
+    """
+    memo = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(p.data, requires_grad=False)
+    for b in module.buffers():
+        memo[id(b)] = b
+    return copy.deepcopy(module, memo)
+
+
+def _reset_load_state(base: nn.Module) -> None:
+    for m in base.modules():
+        if hasattr(m, "prev_comfy_cast_weights"):
+            m.comfy_cast_weights = m.prev_comfy_cast_weights
+            del m.prev_comfy_cast_weights
+        if hasattr(m, "weight_function"):
+            m.weight_function = []
+        if hasattr(m, "bias_function"):
+            m.bias_function = []
+        if hasattr(m, "comfy_patched_weights"):
+            del m.comfy_patched_weights
+    for k, v in _BOOKKEEPING.items():
+        if hasattr(base, k):
+            setattr(base, k, v)
+
+
+def sigma_wrapper(executor, x, t, *args, **kwargs):
+    """APPLY_MODEL wrapper: publish the call's σ to the quantizers of the model being run."""
+    base = executor.class_obj
+    with sigma_scope(base.diffusion_model, t):
+        return executor(x, t, *args, **kwargs)
+
+
+def new_model_patcher(model, base: nn.Module, drop_patches=()):
+    """A clone of ``model``'s patcher around another model object ``base`` (non-dynamic: the quantized
+    layers manage their own device moves), with ComfyUI's size accounting taken from ``base``."""
+    state = ({}, {}, {}, set())  # backup, backup_buffers, object_patches_backup, pinned
+    out = model.clone(disable_dynamic=True, model_override=(base, state))
+    for key in drop_patches:
+        out.patches.pop(key, None)
+    out.patches_uuid = uuid.uuid4()
+    out.size = 0
+    out.size = out.model_size()  # the packed bytes, so ComfyUI's low-VRAM decisions see them
+    out.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, SIGMA_WRAPPER_KEY)
+    out.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, SIGMA_WRAPPER_KEY, sigma_wrapper)
+    return out
+
+
+def copy_model(model):
+    """A structural copy of ``model.model`` on the offload device, in a fresh unloaded state."""
+    base = _structural_copy(model.model)
+    for key in list(model.backup):
+        comfy.utils.set_attr_param(base, key, model.backup[key].weight)
+    _reset_load_state(base)
+    base.to(model.offload_device)
+    if hasattr(base, "device"):
+        base.device = model.offload_device
+    return base
+
+
+def quantized_clone(model, plan):
+    """Quantize Model: a new MODEL whose diffusion model is quantized with ``plan`` (QuantPlan or preset)."""
+    if is_qcorrect_quantized(model):
+        raise QuantizationError("this MODEL is already quantized by qcorrect; connect the full-precision model "
+                                "(e.g. straight from Load Checkpoint) to Quantize Model")
+    foreign = foreign_quantization(model)
+    if foreign:
+        raise QuantizationError(
+            f"this MODEL is already quantized by ComfyUI ({foreign}); load it in its default (16-bit) weight dtype "
+            "to quantize it with qcorrect — or, to correct it as it is, connect it as the quantized model of "
+            "Calibrate Errors and Corrected KSampler")
+    base = copy_model(model)
+    dm = base.diffusion_model
+    decisions = resolve_plan(dm, plan)
+    baked = []
+    with torch.no_grad():
+        for name, d in decisions.items():
+            if not d["weight"]:
+                continue
+            key = f"diffusion_model.{name}.weight"
+            layer = dm.get_submodule(name)
+            w = layer.weight  # clean: copy_model put the backups of patched weights back
+            if key in model.patches:
+                w = comfy.lora.calculate_weight(model.patches[key], w.float().clone(), key)
+                baked.append(key)
+            layer.weight = nn.Parameter(w.detach().to(layer.weight.device), requires_grad=False)
+        quantize_model(dm, plan)
+    return new_model_patcher(model, base, drop_patches=baked), baked
