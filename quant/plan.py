@@ -118,11 +118,10 @@ def fit_weight_type(name: str, k: int) -> tuple[str | None, str | None]:
     ``"K=36 not divisible by 64 → uint4 per-channel"``.
     """
     qt = weight_qtype(name)
-    why = misfit(qt, k)
-    if why is None:
+    if misfit(qt, k) is None:
         return qt.name, None
     base = "int4" if qt.symmetric else "uint4"
-    if why == "group":
+    if qt.group_size:
         reason = f"K={k} not divisible by {qt.group_size}"
         for g in sorted(GROUP_SIZES, reverse=True):
             if k % g == 0:

@@ -160,3 +160,80 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_quantized(m, str(tmp_path / "x.safetensors"))
     assert os.listdir(tmp_path) == []
+
+
+def _file(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_version_2_file_holds_one_blob_per_layer(tmp_path):
+    from qcorrect.quant import quantized_layers
+    m = quantize_model(make_toy(), "W4A8")
+    path = str(tmp_path / "q.safetensors")
+    save_quantized(m, path)
+    tensors, meta = _file(path)
+    assert meta["qcorrect.version"] == "2"
+    for name, layer in quantized_layers(m).items():
+        assert tensors[f"{name}.weight"].dtype == torch.uint8
+        assert torch.equal(tensors[f"{name}.weight"], layer.weight)
+        assert not {f"{name}.qweight", f"{name}.scale", f"{name}.zero"} & tensors.keys()
+
+
+def _as_version_1(m, path):
+    """Write ``m`` in the version-1 layout: separate qweight/scale/zero tensors, no blob."""
+    import json
+    from safetensors.torch import save_file
+    from qcorrect.quant import quantized_layers
+    tensors = dict(m.state_dict())
+    for name, layer in quantized_layers(m).items():
+        del tensors[f"{name}.weight"]
+        tensors[f"{name}.qweight"] = layer.qweight.clone()
+        tensors[f"{name}.scale"] = layer.scale.clone()
+        if layer.zero is not None:
+            tensors[f"{name}.zero"] = layer.zero.clone()
+    plan = quantization_plan(m)
+    del plan["kept"]  # version-1 plans had no such entry
+    meta = {"qcorrect.format": "qcorrect.quantized_model", "qcorrect.version": "1",
+            "qcorrect.quant_plan": json.dumps(plan)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, meta)
+    return tensors, meta
+
+
+@pytest.mark.parametrize("name", ["W8A8", "W4A8", "W4A16"])
+def test_version_1_file_still_loads_to_the_same_outputs(tmp_path, name):
+    m = quantize_model(make_toy(), name)
+    path = str(tmp_path / "v1.safetensors")
+    _as_version_1(m, path)
+    loaded = load_quantized(make_toy(seed=5), path)
+    x, t = toy_inputs()
+    assert torch.equal(m(x, t), loaded(x, t))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in m.state_dict().items())
+
+
+def test_version_1_nan_scale_and_bad_shape_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+    m = quantize_model(make_toy(), "W4A8")
+    path = str(tmp_path / "v1.safetensors")
+    tensors, meta = _as_version_1(m, path)
+    tensors["attn_q.zero"][3, 0] = float("inf")
+    save_file(tensors, path, meta)
+    sk = make_toy()
+    with pytest.raises(QuantFileError, match="'attn_q.zero'.*NaN or inf"):
+        load_quantized(sk, path)
+    assert _untouched(sk)
+    tensors["attn_q.zero"] = torch.zeros(64, 2, dtype=torch.float16)
+    save_file(tensors, path, meta)
+    with pytest.raises(QuantFileError, match="'attn_q.zero' has shape"):
+        load_quantized(sk, path)
+    assert _untouched(sk)
+
+
+def test_unknown_file_version_refused(tmp_path):
+    from safetensors.torch import save_file
+    path = _saved(tmp_path)
+    tensors, meta = _file(path)
+    save_file(tensors, path, {**meta, "qcorrect.version": "3"})
+    with pytest.raises(QuantFileError, match="file version '3'"):
+        load_quantized(make_toy(), path)
