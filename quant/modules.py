@@ -102,12 +102,21 @@ class _QuantLayer(nn.Module):
         ``return_weight=True`` returns the blob; otherwise it replaces ``self.weight`` (copied into
         the current blob with ``inplace_update``, else a new Parameter), on the current blob's
         device. ``seed`` (stochastic rounding in ComfyUI) is unused: rounding is to nearest.
+
+        A weight equal to what :meth:`convert_weight` makes of the current blob keeps the blob:
+        re-quantizing a dequantized weight is not exactly idempotent, and ModelPatcher sends
+        unpatched weights through this round trip too (``force_cast``).
         """
         if tuple(weight.shape) != self.weight_shape:
             raise QuantizationError(
                 f"layer {self.layer!r}: set_weight got shape {tuple(weight.shape)}, the layer's weight "
                 f"is {self.weight_shape}"
             )
+        if weight.is_floating_point() and torch.equal(
+            weight, dequantize_blob(self.weight.to(weight.device), self.wqtype, self.weight_shape, weight.dtype)
+        ):
+            blob = self.weight.detach()
+            return blob.clone() if return_weight else None
         blob = quantize_to_blob(weight, self.wqtype, self.layer).to(self.weight.device)
         if return_weight:
             return blob
@@ -119,18 +128,18 @@ class _QuantLayer(nn.Module):
         return None
 
     def _weight_and_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Dequantized weight and bias in ``x``'s dtype on ``x``'s device, patch functions applied."""
+        """Dequantized weight and bias in ``x``'s dtype on ``x``'s device, patches applied.
+
+        ``weight_lowvram_function`` (one callable or ``None``, set by ComfyUI's dynamic-VRAM
+        patcher) runs first, then every callable of ``weight_function``; likewise for the bias.
+        """
         blob = self.weight
         if blob.device != x.device:  # offloaded: bring the packed bytes, not a float copy
             blob = blob.to(x.device, non_blocking=True)
-        w = dequantize_blob(blob, self.wqtype, self.weight_shape, x.dtype)
-        for f in self.weight_function:
-            w = f(w)
+        w = _patched(self, "weight", dequantize_blob(blob, self.wqtype, self.weight_shape, x.dtype))
         b = self.bias
         if b is not None:
-            b = b.to(device=x.device, dtype=x.dtype, non_blocking=True)
-            for f in self.bias_function:
-                b = f(b)
+            b = _patched(self, "bias", b.to(device=x.device, dtype=x.dtype, non_blocking=True))
         return w, b
 
     def describe(self) -> dict:
@@ -235,6 +244,15 @@ class QuantConv2d(_QuantLayer):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, weight={self.wqtype.name}"
         )
+
+
+def _patched(layer: _QuantLayer, name: str, t: torch.Tensor) -> torch.Tensor:
+    lowvram = layer.__dict__.get(f"{name}_lowvram_function")
+    if lowvram is not None:
+        t = lowvram(t)
+    for f in layer.__dict__.get(f"{name}_function", ()):
+        t = f(t)
+    return t
 
 
 def _jsonable(v):

@@ -226,3 +226,24 @@ def test_dequantize_weight_of_the_views_matches_the_layer():
     _, q = linear("uint4_g64")
     storage = {"qweight": q.qweight, "scale": q.scale, "zero": q.zero}
     assert torch.equal(dequantize_weight(storage, q.wqtype, q.weight_shape, torch.float32), q.dequantized_weight())
+
+
+@pytest.mark.parametrize("name", WEIGHT_TYPES)
+@pytest.mark.parametrize("cast", [torch.float32, torch.float16, torch.bfloat16])
+def test_unpatched_round_trip_keeps_the_blob(name, cast):
+    # ModelPatcher(force_cast=True) converts and sets a weight it has no patch for
+    _, q = linear(name)
+    old = q.weight.clone()
+    q.set_weight(q.convert_weight(q.weight.to(cast, copy=True)))
+    assert torch.equal(q.weight, old)
+    assert torch.equal(q.set_weight(q.dequantized_weight(cast), return_weight=True), old)
+
+
+def test_lowvram_function_runs_before_the_weight_functions():
+    # ComfyUI's dynamic-VRAM patcher sets weight_lowvram_function (a LoRA patch) on the module
+    _, q = linear("int8")
+    x = torch.randn(2, 128)
+    q.weight_lowvram_function = lambda w: w * 2
+    q.weight_function = [lambda w: w + 1]
+    q.bias_lowvram_function = None
+    assert torch.equal(q(x), F.linear(x, q.dequantized_weight() * 2 + 1, q.bias))
