@@ -227,7 +227,7 @@ def compare_batches(reference, test, ref_model=None) -> dict:
     """
     (kind_r, ref), (kind_t, tst) = _batch(reference, "reference"), _batch(test, "test")
     if kind_r != kind_t:
-        raise ValueError(f"reference is a {kind_r} but test is a {kind_t}: compare two LATENTs or two IMAGEs "
+        raise ValueError(f"reference is {kind_r} but test is {kind_t}: compare two LATENTs or two IMAGEs "
                          "(VAE Decode the LATENT first)")
     if ref.shape[0] != tst.shape[0]:
         raise ValueError(f"reference has {ref.shape[0]} samples but test has {tst.shape[0]}: the comparison is "
