@@ -334,3 +334,68 @@ def test_node_schemas(R):
     assert types == {"reference": "LATENT,IMAGE", "test": "LATENT,IMAGE", "stats": Stats.io_type}
     assert Stats.io_type == "QCORRECT_STATS" and cmp.inputs[2].optional and cmp.is_output_node
     assert [o.get_io_type() for o in cmp.outputs] == ["STRING", "IMAGE"]
+
+
+# ------------------------------------------------------------------ web/qcorrect.js
+_JS_HARNESS = r"""
+import assert from "node:assert/strict";
+class Area { constructor() { this.style = {}; this.value = ""; } }
+globalThis.document = { createElement: (tag) => { assert.equal(tag, "textarea"); return new Area(); } };
+const { registered } = await import("./scripts/app.js");
+await import("./extensions/qcorrect/qcorrect.js");
+assert.equal(registered.length, 1);
+const ext = registered[0];
+function nodeType() {
+  function Node() { this.widgets = []; this.size = [200, 60]; }
+  Node.prototype.onExecuted = function () { this.previous = (this.previous ?? 0) + 1; };
+  Node.prototype.addDOMWidget = function (name, type, element, options) {
+    const w = { name, type, element, options };
+    Object.defineProperty(w, "value", { get: () => options.getValue(), set: (v) => options.setValue(v) });
+    this.widgets.push(w); return w;
+  };
+  Node.prototype.computeSize = function () { return [260, 180]; };
+  Node.prototype.setSize = function (s) { this.size = s; };
+  return Node;
+}
+const Q = nodeType(), Other = nodeType();
+await ext.beforeRegisterNodeDef(Q, { name: "QCorrectCompareToReference" });
+await ext.beforeRegisterNodeDef(Other, { name: "KSampler" });
+const q = new Q(), o = new Other();
+q.onExecuted({});                       // no text: nothing created
+assert.equal(q.widgets.length, 0);
+q.onExecuted({ text: ["PSNR 30 dB\nSSIM 0.9"] });
+assert.equal(q.widgets.length, 1);
+const w = q.widgets[0];
+assert.equal(w.value, "PSNR 30 dB\nSSIM 0.9");
+assert.equal(w.element.readOnly, true);
+assert.equal(w.serialize, false);
+assert.equal(w.options.serialize, false);
+assert.deepEqual(q.size, [260, 180]);
+q.onExecuted({ text: ["second run"] });  // updated, not duplicated
+assert.equal(q.widgets.length, 1);
+assert.equal(q.widgets[0].value, "second run");
+assert.equal(q.previous, 3);            // the original onExecuted still runs
+o.onExecuted({ text: ["not ours"] });
+assert.equal(o.widgets.length, 0);
+console.log("ok");
+"""
+
+
+def test_web_extension_shows_the_text_output_of_qcorrect_nodes(tmp_path):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("needs Node.js to run the frontend extension")
+    src = Path(__file__).resolve().parents[2] / "web" / "qcorrect.js"
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "app.js").write_text(
+        "export const registered = [];\nexport const app = { registerExtension: (e) => registered.push(e) };\n")
+    (tmp_path / "extensions" / "qcorrect").mkdir(parents=True)
+    shutil.copy(src, tmp_path / "extensions" / "qcorrect" / "qcorrect.js")
+    (tmp_path / "package.json").write_text('{"type": "module"}')
+    (tmp_path / "harness.js").write_text(_JS_HARNESS)
+    run = subprocess.run([node, "harness.js"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
