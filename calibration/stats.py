@@ -336,8 +336,13 @@ def model_fingerprint(module: torch.nn.Module, samples_per_tensor: int = 8) -> s
     ``samples_per_tensor`` values at evenly spaced flat indices (as float32 bytes), so two models
     with the same architecture but other weights differ, while hashing stays O(#tensors).
     """
+    return state_fingerprint(module.state_dict(), samples_per_tensor)
+
+
+def state_fingerprint(state: dict, samples_per_tensor: int = 8) -> str:
+    """:func:`model_fingerprint` of a state dict (e.g. one with some tensors replaced by originals)."""
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    for name, t in sorted(state.items()):
         if not isinstance(t, torch.Tensor):
             continue
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
@@ -347,4 +352,3 @@ def model_fingerprint(module: torch.nn.Module, samples_per_tensor: int = 8) -> s
             idx = torch.linspace(0, flat.numel() - 1, k, dtype=torch.float64).round().long().to(flat.device)
             h.update(flat[idx].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-

@@ -40,7 +40,7 @@ import comfy.utils
 import torch
 from torch import nn
 
-from ..calibration import model_fingerprint
+from ..calibration.stats import state_fingerprint
 from ..quant import QuantizationError, quantize_model, resolve_plan, sigma_scope
 from ..quant.modules import QUANT_LAYERS
 
@@ -98,8 +98,14 @@ def latent_channels(model) -> int:
 
 
 def fingerprint(model) -> str:
-    """The fingerprint of the diffusion model as stored (quantized storage included, patches not)."""
-    return model_fingerprint(diffusion_model(model))
+    """The fingerprint of the diffusion model's own weights (quantized storage included), without the
+    patches ComfyUI may currently have applied to the shared model in place (their backups are used)."""
+    state = diffusion_model(model).state_dict()
+    prefix = "diffusion_model."
+    for key, bk in model.backup.items():
+        if key.startswith(prefix) and key[len(prefix):] in state:
+            state[key[len(prefix):]] = bk.weight
+    return state_fingerprint(state)
 
 
 def _structural_copy(module: nn.Module) -> nn.Module:
@@ -155,8 +161,17 @@ def new_model_patcher(model, base: nn.Module, drop_patches=()):
 
 
 def copy_model(model):
-    """A structural copy of ``model.model`` on the offload device, in a fresh unloaded state."""
-    base = _structural_copy(model.model)
+    """A structural copy of ``model.model`` on the offload device, in a fresh unloaded state.
+
+    The BaseModel itself is copied shallowly (its configuration objects are shared, read-only),
+    with its own module/parameter/buffer tables; each child module is copied structurally.
+    """
+    src = model.model
+    base = copy.copy(src)
+    base._parameters = {k: None if p is None else nn.Parameter(p.data, requires_grad=False)
+                        for k, p in src._parameters.items()}
+    base._buffers = dict(src._buffers)
+    base._modules = {k: None if m is None else _structural_copy(m) for k, m in src._modules.items()}
     for key in list(model.backup):
         comfy.utils.set_attr_param(base, key, model.backup[key].weight)
     _reset_load_state(base)

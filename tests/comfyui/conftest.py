@@ -21,6 +21,8 @@ import pytest
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+if str(HERE) not in sys.path:  # the helpers next to the tests (nodekit, tiny_sd15, server) import by name
+    sys.path.insert(0, str(HERE))
 
 
 def pytest_collection_modifyitems(config, items):

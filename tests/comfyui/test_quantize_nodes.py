@@ -1,0 +1,170 @@
+"""Quantize Model, Relax Timesteps and Save/Load Quantized Model inside a real ComfyUI (in-process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nodekit import lora_state_dict, mse, node_output, sample, tiny_sd15, with_lora
+
+
+@pytest.fixture(scope="module")
+def fp(comfy):
+    return tiny_sd15()
+
+
+@pytest.fixture(scope="module")
+def q4(fp):
+    from qcorrect.nodes.quantize import QuantizeModel
+
+    return node_output(QuantizeModel.execute(fp, "W4A8"))[0][0]
+
+
+@pytest.fixture(scope="module")
+def q8(fp):
+    from qcorrect.nodes.quantize import QuantizeModel
+
+    return node_output(QuantizeModel.execute(fp, "W8A8"))[0][0]
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.get_model_object("diffusion_model").state_dict().items()}
+
+
+def test_quantize_returns_a_new_packed_model_and_leaves_the_input_alone(comfy, fp):
+    from qcorrect.nodes.quantize import QuantizeModel
+    from qcorrect.quant import QuantLinear, QuantConv2d
+
+    before = _weights(fp)
+    (q,), text = node_output(QuantizeModel.execute(fp, "W4A8"))
+    dm_q, dm_fp = q.get_model_object("diffusion_model"), fp.get_model_object("diffusion_model")
+    assert dm_q is not dm_fp and q.model is not fp.model
+    assert not any(isinstance(m, (QuantLinear, QuantConv2d)) for m in dm_fp.modules())
+    after = _weights(fp)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    convs = [m for m in dm_q.modules() if isinstance(m, QuantConv2d)]
+    assert convs and any(isinstance(m, QuantLinear) for m in dm_q.modules())
+    # ComfyUI's own accounting sees the packed bytes: int4 + fp16 scales/zeros per 64 ≈ 0.28 of fp16
+    packed = sum(m.weight.numel() for m in dm_q.modules() if isinstance(m, (QuantLinear, QuantConv2d)))
+    assert all(m.weight.dtype == torch.uint8 for m in dm_q.modules() if isinstance(m, (QuantLinear, QuantConv2d)))
+    assert q.model_size() < 0.35 * fp.model_size() * 2 / 4 + 4 * 2**20  # fp32 input on CPU: 4 bytes a weight
+    assert q.model_size() >= packed
+    assert "quantized" in text and "MiB" in text
+
+
+def test_quantized_sampling_is_close_to_full_precision(fp, q4):
+    a, b, noise_scale = sample(fp), sample(q4), None
+    assert torch.isfinite(b).all()
+    assert mse(a, b) < 0.1 * float(a.double().pow(2).mean())
+
+
+def test_lora_before_and_after_quantize_both_apply(fp, q8):
+    """W8A8 (the random test UNet amplifies 4-bit rounding of LoRA-sized weights chaotically)."""
+    from qcorrect.nodes.quantize import QuantizeModel
+
+    q4 = q8
+    lora = lora_state_dict(fp, scale=0.3)
+    ref = sample(with_lora(fp, lora))
+    plain_fp = sample(fp)
+    lora_effect = mse(ref, plain_fp)
+    quant_noise = mse(sample(q4), plain_fp)
+    assert lora_effect > 4 * quant_noise, "the test LoRA must change the image more than quantization does"
+
+    (before,), text = node_output(QuantizeModel.execute(with_lora(fp, lora), "W8A8"))
+    assert "patches applied before rounding" in text
+    after = with_lora(q4, lora)
+    plain = sample(q4)
+    for got in (sample(before), sample(after)):
+        assert mse(got, ref) < 0.2 * lora_effect           # the LoRA is in the image
+        assert mse(got, ref) < 3 * quant_noise + 1e-12      # within quantization noise of FP + LoRA
+    # the LoRA lives in the clone: the quantized model without it samples exactly as before
+    assert torch.equal(sample(q4), plain)
+
+
+def _apply(model, partial: bool):
+    """One apply_model call after ComfyUI's loader put ``model`` in place, fully or partially (low VRAM)."""
+    base = model.model
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([3.0, 3.0])
+    ctx = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(6))
+    model.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1 if partial else 0)
+    try:
+        assert base.model_lowvram == partial
+        functions = sum(len(getattr(m, "weight_function", [])) for m in base.modules())
+        with torch.no_grad():
+            return base.apply_model(x, t, c_crossattn=ctx).clone(), functions
+    finally:
+        model.unpatch_model(device_to=torch.device("cpu"))
+
+
+def test_forced_partial_low_vram_load_gives_the_full_load_output(fp, q8):
+    full, _ = _apply(q8, partial=False)
+    part, _ = _apply(q8, partial=True)
+    assert torch.equal(full, part)  # no patches: the offloaded path computes the same thing
+    lora = lora_state_dict(fp, scale=0.3)
+    model, ref = with_lora(q8, lora), _apply(with_lora(fp, lora), partial=False)[0]
+    full, f_full = _apply(model, partial=False)
+    part, f_part = _apply(model, partial=True)
+    assert f_full == 0 and f_part > 0  # LoRA applied by set_weight (full) vs ComfyUI's LowVramPatch (partial)
+    noise = mse(full, ref)
+    assert noise > 0
+    assert mse(part, ref) <= 1.5 * noise  # partial keeps ΔW in 16-bit: at most the full load's rounding
+    assert mse(part, full) <= 2.0 * noise
+
+
+def test_already_quantized_models_are_refused(comfy, fp, q4):
+    from qcorrect.nodes.quantize import QuantizeModel
+    from qcorrect.quant import QuantizationError
+
+    with pytest.raises(QuantizationError, match="already quantized by qcorrect"):
+        QuantizeModel.execute(q4, "W8A8")
+    fp8 = tiny_sd15(dtype=torch.float8_e4m3fn)
+    with pytest.raises(QuantizationError, match="fp8.*Calibrate Errors"):
+        QuantizeModel.execute(fp8, "W4A8")
+
+
+def test_advanced_node_builds_the_plan_it_says(fp):
+    from qcorrect.nodes.quantize import QuantizeModelAdvanced
+    from qcorrect.quant import QuantizationError, quantization_plan
+
+    (q,), _ = node_output(QuantizeModelAdvanced.execute(fp, "4", "128", True, "16", "dynamic", True, "*.attn1.*"))
+    layers = quantization_plan(q.get_model_object("diffusion_model"))["layers"]
+    assert layers and all(spec["weight"] in ("int4_g128", "int4", "int4_g64", "int4_g32") for spec in layers.values())
+    assert not any(".attn1." in name for name in layers)
+    assert all(spec.get("act") is None for spec in layers.values())
+    with pytest.raises(QuantizationError, match="per-channel"):
+        QuantizeModelAdvanced.execute(fp, "8", "64", True, "8", "dynamic", True, "")
+
+
+def test_relax_timesteps_copies_and_reports_the_average_bit_width(fp, q4):
+    from qcorrect.nodes.quantize import QuantizeModel, RelaxTimesteps
+    from qcorrect.quant import QuantizationError
+
+    (relaxed,), text = node_output(RelaxTimesteps.execute(q4, 0.25, "near x0", "16", 4, "normal"))
+    assert "1 of 4 steps" in text and "10.00" in text  # (1·16 + 3·8) / 4
+    sched = [m.act.schedule for m in relaxed.get_model_object("diffusion_model").modules() if hasattr(m, "act")]
+    assert sched and all(s for s in sched if s is not None)
+    assert not any(m.act.schedule for m in q4.get_model_object("diffusion_model").modules() if hasattr(m, "act"))
+    (none,), _ = node_output(RelaxTimesteps.execute(q4, 0.0, "near x_T", "10", 4, "normal"))
+    assert torch.equal(sample(none), sample(q4))
+    # all steps at 16-bit activations: the A8 error is gone, only the weight error is left
+    (w4a16,), _ = node_output(QuantizeModel.execute(fp, "W4A16"))
+    (full,), _ = node_output(RelaxTimesteps.execute(q4, 1.0, "near x0", "16", 4, "normal"))
+    assert mse(sample(full), sample(w4a16)) < 1e-3 * mse(sample(q4), sample(w4a16)) + 1e-12
+    (w,), _ = node_output(QuantizeModel.execute(fp, "W4A16"))
+    with pytest.raises(QuantizationError, match="not quantized"):
+        RelaxTimesteps.execute(w, 0.2, "near x0", "10", 4, "normal")
+    with pytest.raises(QuantizationError, match=r"\[0, 1\]"):
+        RelaxTimesteps.execute(q4, 1.5, "near x0", "10", 4, "normal")
+
+
+def test_save_and_load_quantized_model_round_trip(comfy, fp, q4):
+    from qcorrect.nodes.quantize import LoadQuantizedModel, SaveQuantizedModel
+
+    _, text = node_output(SaveQuantizedModel.execute(q4, "tests/tiny_w4a8"))
+    path = comfy.models / "qcorrect_quantized" / "tests" / "tiny_w4a8.safetensors"
+    assert path.is_file() and str(path) in text
+    (loaded,), _ = node_output(LoadQuantizedModel.execute(fp, "tests/tiny_w4a8.safetensors"))
+    assert torch.equal(sample(loaded), sample(q4))
+    with pytest.raises(Exception, match="already quantized"):
+        LoadQuantizedModel.execute(q4, "tests/tiny_w4a8.safetensors")
