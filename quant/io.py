@@ -26,7 +26,7 @@ from .activations import ActQuantizer
 from .context import attach_context, get_context
 from .errors import QuantFileError, QuantizationError
 from .modules import QuantConv2d, QuantLinear
-from .plan import KEPT_ATTR, PLAN_ATTR, PLAN_FORMAT, QuantPlan, _set_submodule, quantization_plan
+from .plan import KEPT_ATTR, PLAN_ATTR, PLAN_FORMAT, QuantPlan, _set_submodule, is_float_layer, quantization_plan
 from .weights import decode_blob, encode_blob, input_size, storage_shapes
 
 FORMAT_TAG = "qcorrect.quantized_model"
@@ -101,9 +101,9 @@ def _rebuild(name: str, layer: nn.Module, spec: dict, context) -> nn.Module:
     n = int(spec.get("static_points", 0))
     act.range_sigmas, act.range_lo, act.range_hi = torch.ones(n), torch.zeros(n), torch.zeros(n)
     bias = None if layer.bias is None else layer.bias
-    if spec["type"] == "linear" and type(layer) is nn.Linear:
+    if spec["type"] == "linear" and isinstance(layer, nn.Linear) and is_float_layer(layer):
         new = QuantLinear(layer.in_features, layer.out_features, bias, spec["weight"], act, name)
-    elif spec["type"] == "conv2d" and type(layer) is nn.Conv2d:
+    elif spec["type"] == "conv2d" and isinstance(layer, nn.Conv2d):
         if list(layer.kernel_size) != spec["kernel_size"] or layer.groups != spec["groups"]:
             raise QuantFileError(f"layer {name!r}: conv geometry in the file differs from the model")
         new = QuantConv2d(

@@ -132,6 +132,13 @@ def fit_weight_type(name: str, k: int) -> tuple[str | None, str | None]:
     return None, f"K={k} is odd (int4 packs two codes per byte) → kept 16-bit"
 
 
+def is_float_layer(m: nn.Module) -> bool:
+    """A Linear/Conv2d the quantizer can replace: the torch classes and their subclasses (ComfyUI's
+    ``comfy.ops`` layers are subclasses), except MultiheadAttention's out_proj, whose weight the
+    attention reads directly."""
+    return isinstance(m, (nn.Linear, nn.Conv2d)) and type(m).__name__ != "NonDynamicallyQuantizableLinear"
+
+
 def resolve_plan(module: nn.Module, plan: QuantPlan | str | None = None) -> dict[str, dict]:
     """Per-layer decisions: ``{name: {"type", "weight", "act", "act_mode", "fallback"}}``.
 
@@ -139,7 +146,7 @@ def resolve_plan(module: nn.Module, plan: QuantPlan | str | None = None) -> dict
     the plan pick another weight type (or keep it in 16-bit), in which case it says why.
     """
     plan = _as_plan(plan)
-    layers = [(n, m) for n, m in module.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    layers = [(n, m) for n, m in module.named_modules() if is_float_layer(m)]
     convs = [n for n, m in layers if isinstance(m, nn.Conv2d)]
     edge = {convs[0], convs[-1]} if plan.keep_first_last_conv and convs else set()
     decisions = {}
