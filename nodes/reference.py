@@ -283,7 +283,14 @@ def error_plot(stats: CorrectionStats | None) -> torch.Tensor:
     return line_panels([e["eps_err_rms"].tolist(), e["latent_err_rms"].tolist()], panels=2).unsqueeze(0)
 
 
+def _number(value, spec: str) -> str:
+    v = float(value)
+    width = int(spec.split(".")[0])
+    return format(v, spec) if v == v else "n/a".rjust(width)
+
+
 def format_report(metrics: dict, stats: CorrectionStats | None) -> str:
+    """The node's text: the metrics of :func:`compare_batches`, then the per-step table of the stats."""
     kind = "latents (decoded with the reference autoencoder)" if metrics["kind"] == "LATENT" else "images"
     lines = [f"test vs reference: N = {metrics['n']} {kind}",
              f"PSNR       {metrics['psnr']:.4f} dB (mean; identical images count {PSNR_CAP_DB:.0f} dB)",
@@ -300,14 +307,17 @@ def format_report(metrics: dict, stats: CorrectionStats | None) -> str:
         return "\n".join(lines)
     m, e = stats.meta, step_errors(stats)
     methods = "+".join(m.methods) if m.methods else "none"
+    rel = e["eps_err_rms"] / e["eps_fp_rms"]  # NaN where a row has no data
     lines += ["", f"stats: {stats.rows} steps ({m.sampler}, {m.scheduler or '?'} schedule, cfg {m.cfg:g}, "
-              f"{m.n_samples} samples, {m.quantization or 'unknown quantization'}, corrections active: {methods})",
-              "plot: ε-error RMS per step (top), latent error RMS (bottom), σ_max on the left",
-              f"{'step':>4} {'σ':>9} {'ε-err RMS':>10} {'rel. to ε':>9} {'latent err RMS':>14}"]
+              f"{m.n_samples} samples, {m.quantization or 'unknown quantization'}, corrections active while "
+              f"calibrating: {methods})",
+              "plot: ε-error RMS per step (top), latent error RMS (bottom), σ_max on the left"]
+    if not bool(torch.isfinite(e["latent_err_rms"]).any()):
+        lines.append("latent error: not recorded in these statistics (the bottom panel is empty)")
+    lines.append(f"{'step':>4} {'σ':>9} {'ε-err RMS':>10} {'rel. to ε':>9} {'latent err RMS':>14}")
     for i in range(stats.rows):
-        rel = float(e["eps_err_rms"][i] / e["eps_fp_rms"][i]) if float(e["eps_fp_rms"][i]) > 0 else float("nan")
-        lines.append(f"{i:>4} {float(e['sigma'][i]):>9.4f} {float(e['eps_err_rms'][i]):>10.4g} {rel:>9.3%} "
-                     f"{float(e['latent_err_rms'][i]):>14.4g}")
+        lines.append(f"{i:>4} {float(e['sigma'][i]):>9.4f} {_number(e['eps_err_rms'][i], '10.4g')} "
+                     f"{_number(rel[i], '9.3%')} {_number(e['latent_err_rms'][i], '14.4g')}")
     return "\n".join(lines)
 
 

@@ -299,6 +299,9 @@ def test_empty_stats_rows_are_gaps_not_errors(R, lib):
     e = R.step_errors(stats)
     assert all(math.isnan(v) for v in e["eps_err_rms"].tolist())
     assert R.error_plot(stats).shape == (1, 192, 320, 3)
+    report = R.format_report({"kind": "IMAGE", "n": 2, "psnr": 30.0, "ssim": 0.9, "latent_mse": None,
+                              "fid_to_fp": None, "fid_note": "too few"}, stats)
+    assert "latent error: not recorded" in report and "nan" not in report and "n/a" in report
 
 
 # ------------------------------------------------------------------ loading and schemas
