@@ -75,6 +75,14 @@ def test_model_is_an_eps_base_model_on_the_reference_grid(R, loaded, lib):
                                    get_sigmas(scheduler, lib.denoiser.sigmas, STEPS), rtol=1e-6, atol=1e-6)
 
 
+def test_empty_latent_image_of_112_pixels_samples_at_14x14(R, loaded):
+    import nodes
+
+    latent = nodes.EmptyLatentImage().generate(112, 112, 2)[0]
+    out = nodes.common_ksampler(loaded[0], 0, 2, 3.0, "euler", "normal", _cond(R, "1"), _cond(R, "empty"), latent)[0]
+    assert out["samples"].shape == (2, 4, 14, 14) and bool(torch.isfinite(out["samples"]).all())
+
+
 def test_diffusion_model_keeps_plain_layers_with_the_library_names(loaded, lib):
     from torch import nn
 
