@@ -50,7 +50,7 @@ import functools
 import torch
 
 from .collect import CalibrationConfig, calibrate, slice_extra
-from .config import EngineConfig
+from .config import EngineConfig, sampler_kind
 from .engine import CorrectionEngine
 from .errors import CalibrationError
 
@@ -131,6 +131,8 @@ def end_to_end_check(fp_model, q_model, stats, engine_cfg: EngineConfig, sample_
         gen = torch.Generator(device=x_init.device).manual_seed(int(seed) + start)
         return lambda sigma, sigma_next: torch.randn(shape, generator=gen, device=x_init.device, dtype=x_init.dtype)
 
+    stochastic = sampler_kind(sampler_name) == "ancestral"
+
     def run(model, corrected: bool) -> torch.Tensor:
         out = []
         for seg, engine in segments:
@@ -138,12 +140,13 @@ def end_to_end_check(fp_model, q_model, stats, engine_cfg: EngineConfig, sample_
                 sl = slice(start, min(start + bs, seg.stop))
                 x = x_init[sl]
                 ex = slice_extra(extra, sl, n)
-                ns = noise_for(sl.start, sl.stop, x.shape)
+                # only stochastic samplers take a noise sampler (ComfyUI's deterministic ones refuse it)
+                opts = {"noise_sampler": noise_for(sl.start, sl.stop, x.shape)} if stochastic else {}
                 if corrected:
                     out.append(engine.sample(sample_fn, model, x, sigmas, ex, None, True, sampler_name=sampler_name,
-                                             noise_sampler=ns))
+                                             **opts))
                 else:
-                    out.append(sample_fn(model, x, sigmas, ex, None, True, noise_sampler=ns))
+                    out.append(sample_fn(model, x, sigmas, ex, None, True, **opts))
         return torch.cat(out)
 
     fp = run(fp_model, False)
