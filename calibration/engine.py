@@ -80,6 +80,8 @@ class StepCorrector:
             raise ValueError(f"σ of shape {tuple(s.shape)} does not match a batch of {x.shape[0]} latents")
         s = s.reshape(-1).expand(x.shape[0]).float()
         ctx = {"x_in": x, "s": s, "call": s, "point": None, "n": n}
+        if p.identity:  # neutral tables: leave the sampler's values exactly as they are
+            return ctx
         if self.step_ok and n is not None and n < p.sched.numel() - 1:
             point = torch.isclose(s, p.sched[n].expand_as(s), rtol=1e-4, atol=0.0)
             ctx["point"] = point
@@ -100,7 +102,7 @@ class StepCorrector:
         """Steps 3–6 of §8.3: the denoised value to return to the sampler."""
         p, cfg = self.plan, self.cfg
         point = ctx["point"]
-        if p.out_scale is None and point is None:
+        if p.identity or (p.out_scale is None and point is None):
             return denoised
         x_in, s, call = ctx["x_in"], ctx["s"], ctx["call"]
         bc = lambda t: t.reshape(-1, *([1] * (x.ndim - 1)))  # noqa: E731
