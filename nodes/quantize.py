@@ -14,6 +14,7 @@ from ..quant.plan import TIME_EMBED_PATTERNS, set_activation_schedule
 from ..quant.qtypes import ACTIVATION, qtype
 from ..quant.relax import relaxed_schedule
 from . import patching
+from .comfy_export import save_comfy_checkpoint
 from .types import QUANTIZED_FOLDER, output_path
 
 CATEGORY = "qcorrect"
@@ -174,21 +175,32 @@ class SaveQuantizedModel(io.ComfyNode):
             node_id="QCorrectSaveQuantizedModel",
             display_name="Save Quantized Model",
             category=CATEGORY,
-            description="Save the quantized diffusion model (packed weights, scales, the per-layer plan) as "
-                        "safetensors in models/qcorrect_quantized/. No pickle.",
-            inputs=[io.Model.Input("model"), io.String.Input("filename", default="quantized/model_w4a8")],
+            description="Save the quantized diffusion model as safetensors (no pickle). qcorrect format: packed "
+                        "weights, scales and the per-layer plan, in models/qcorrect_quantized/ (Load Quantized "
+                        "Model). comfyui int8: ComfyUI's own layout (int8 Linear layers as comfy_quant int8, the "
+                        "rest in fp16) in models/diffusion_models/, for the stock Load Diffusion Model node.",
+            inputs=[io.Model.Input("model"), io.String.Input("filename", default="quantized/model_w4a8"),
+                    io.Combo.Input("format", options=["qcorrect", "comfyui int8"], default="qcorrect")],
             outputs=[],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, model, filename) -> io.NodeOutput:
+    def execute(cls, model, filename, format="qcorrect") -> io.NodeOutput:
         if not patching.is_qcorrect_quantized(model):
             raise QuantizationError("Save Quantized Model needs a model quantized by qcorrect's Quantize Model")
-        path = output_path(QUANTIZED_FOLDER, filename)
         meta = {"qcorrect.model_class": type(model.model).__name__,
                 "qcorrect.latent_channels": json.dumps(patching.latent_channels(model))}
-        save_quantized(patching.diffusion_model(model), path, meta)
+        dm = patching.diffusion_model(model)
+        if format == "comfyui int8":
+            path = output_path("diffusion_models", filename)
+            counts = save_comfy_checkpoint(dm, path, meta)
+            text = (f"saved {path} in ComfyUI's layout: {counts['int8']} Linear layers as comfy_quant int8, "
+                    f"{counts['fp16']} quantized layers written as fp16 (ComfyUI has no format for group-int4 "
+                    "or quantized convolutions)")
+            return io.NodeOutput(ui=ui.PreviewText(text))
+        path = output_path(QUANTIZED_FOLDER, filename)
+        save_quantized(dm, path, meta)
         return io.NodeOutput(ui=ui.PreviewText(f"saved {path}"))
 
 

@@ -168,3 +168,30 @@ def test_save_and_load_quantized_model_round_trip(comfy, fp, q4):
     assert torch.equal(sample(loaded), sample(q4))
     with pytest.raises(Exception, match="already quantized"):
         LoadQuantizedModel.execute(q4, "tests/tiny_w4a8.safetensors")
+
+
+def test_int8_export_loads_with_comfyuis_stock_diffusion_model_loader(comfy, fp):
+    import folder_paths
+    from comfy import sd
+    from comfy.quant_ops import QuantizedTensor
+    from qcorrect.nodes.quantize import QuantizeModel, SaveQuantizedModel
+
+    (w8,), _ = node_output(QuantizeModel.execute(fp, "W8A16"))
+    folder_paths.add_model_folder_path("diffusion_models", str(comfy.models / "diffusion_models"), is_default=True)
+    _, text = node_output(SaveQuantizedModel.execute(w8, "tests/tiny_w8_comfy", "comfyui int8"))
+    assert "comfy_quant int8" in text and " 0 quantized layers written as fp16" not in text
+    path = comfy.models / "diffusion_models" / "tests" / "tiny_w8_comfy.safetensors"
+    stock = sd.load_diffusion_model(str(path))
+    dm = stock.get_model_object("diffusion_model")
+    native = [m for m in dm.modules() if isinstance(getattr(m, "weight", None), QuantizedTensor)]
+    assert native, "ComfyUI did not load any layer as its own int8 tensor"
+    # ComfyUI reads exactly qcorrect's codes and per-row scales
+    mine = {n: m for n, m in w8.get_model_object("diffusion_model").named_modules()}
+    for name, m in dm.named_modules():
+        if isinstance(getattr(m, "weight", None), QuantizedTensor):
+            want = mine[name].dequantized_weight(torch.float32)
+            assert torch.equal(m.weight.dequantize().float(), want), name
+    # and samples with them (ComfyUI computes these layers in its own compute dtype, bf16 by default)
+    ours, theirs = sample(w8), sample(stock)
+    assert torch.isfinite(theirs).all()
+    assert mse(theirs, ours) < 1e-3 * float(ours.double().pow(2).mean())
