@@ -8,7 +8,7 @@ import comfy.samplers
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..quant import PRESETS, QuantizationError, QuantPlan, load_quantized, quantization_plan, save_quantized
+from ..quant import PRESETS, QuantizationError, QuantPlan, load_quantized, plan_summary, save_quantized
 from ..quant import preset as quant_preset
 from ..quant.plan import TIME_EMBED_PATTERNS, set_activation_schedule
 from ..quant.qtypes import ACTIVATION, qtype
@@ -19,18 +19,6 @@ from .types import QUANTIZED_FOLDER, output_path
 
 CATEGORY = "qcorrect"
 GROUP_CHOICES = ("64", "128", "per-channel")
-
-
-def plan_summary(dm) -> str:
-    """One line: what was quantized, what stayed 16-bit, the resident weight bytes."""
-    layers = quantization_plan(dm)["layers"]
-    kinds = {}
-    for spec in layers.values():
-        key = f"{spec['weight']}/{spec.get('act') or 'a16'}"
-        kinds[key] = kinds.get(key, 0) + 1
-    total = sum(1 for m in dm.modules() if type(m).__name__ in ("Linear", "Conv2d")) + len(layers)
-    what = ", ".join(f"{n}× {k}" for k, n in sorted(kinds.items()))
-    return f"{len(layers)} of {total} Linear/Conv2d layers quantized ({what}); the others stay 16-bit"
 
 
 def _quantize(model, plan: QuantPlan):
