@@ -81,16 +81,20 @@ def foreign_quantization(model) -> str | None:
 
 
 def prediction_type(model) -> str:
-    """"eps" or "v" (what the correction engine supports); anything else is refused."""
+    """"eps" or "v" (what the correction engine supports); anything else is refused.
+
+    The prediction is the class that defines ``calculate_denoised`` first in the model sampling's
+    MRO (ComfyUI builds it as ``type("ModelSamplingAdvanced", (schedule, prediction), {})``, and
+    X0, EDM, IMG_TO_IMG … subclass EPS or V_PREDICTION).
+    """
     ms = model.get_model_object("model_sampling")
-    if not isinstance(ms, comfy.model_sampling.EDM):
-        if isinstance(ms, comfy.model_sampling.V_PREDICTION):
-            return "v"
-        if isinstance(ms, comfy.model_sampling.EPS):
-            return "eps"
+    owner = next((c for c in type(ms).__mro__ if "calculate_denoised" in c.__dict__), None)
+    known = {comfy.model_sampling.EPS: "eps", comfy.model_sampling.V_PREDICTION: "v"}
+    if owner in known:
+        return known[owner]
     raise ModelMismatchError(
-        f"the model's prediction type ({type(ms).__name__}) is not supported by the correction engine yet; "
-        "it corrects ε- and v-prediction models (SD1.x, SD2.x, SDXL)")
+        f"the model's prediction type ({getattr(owner, '__name__', type(ms).__name__)}) is not supported by the "
+        "correction engine yet; it corrects ε- and v-prediction models (SD1.x, SD2.x, SDXL)")
 
 
 def latent_channels(model) -> int:

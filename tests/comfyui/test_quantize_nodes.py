@@ -195,3 +195,11 @@ def test_int8_export_loads_with_comfyuis_stock_diffusion_model_loader(comfy, fp)
     ours, theirs = sample(w8), sample(stock)
     assert torch.isfinite(theirs).all()
     assert mse(theirs, ours) < 1e-3 * float(ours.double().pow(2).mean())
+    # a model in ComfyUI's native int8 format can be calibrated as "the quantized model"
+    from qcorrect.nodes.calibrate import CalibrateErrors
+    from nodekit import conditioning
+
+    (stats,), _ = node_output(CalibrateErrors.execute(
+        fp, stock, conditioning(0), conditioning(1, 0.0), {"samples": torch.zeros(1, 4, 8, 8)}, 0, "euler",
+        "normal", 3, 3.0, 1.0, 1, "ptqd", "tests/native_int8"))
+    assert "comfy_quant" in stats.meta.quantization and stats.rows == 3

@@ -249,3 +249,15 @@ def test_mismatches_are_clear_errors(comfy, fp, q, tcec_stats):
     bad.write_bytes(b"not a safetensors file at all")
     with pytest.raises(StatsFileError):
         LoadCorrectionStats.execute("tests/corrupt.safetensors")
+
+
+def test_calibration_refuses_models_of_another_prediction_type(comfy, fp, q):
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+    from qcorrect.nodes.patching import ModelMismatchError
+
+    (v_model,) = ModelSamplingDiscrete().patch(q, "v_prediction", False)
+    with pytest.raises(ModelMismatchError, match="prediction types"):
+        _calibrate(fp, v_model, filename="tests/bad_v")
+    (x0_model,) = ModelSamplingDiscrete().patch(q, "x0", False)
+    with pytest.raises(ModelMismatchError, match="not supported"):
+        _calibrate(ModelSamplingDiscrete().patch(fp, "x0", False)[0], x0_model, filename="tests/bad_x0")
