@@ -35,12 +35,14 @@ except ImportError:  # run as a script; by path, since ComfyUI has a top-level m
 
 REPO = server.REPO
 WORKFLOWS = REPO / "workflows"
-COL_X, COL_W, TOP, GAP = 40, 390, 80, 60
-NODE_W = {"QCorrectCalibrateErrors": 330, "QCorrectCompareToReference": 400, "CLIPTextEncode": 330,
+COL_X, COL_GAP, TOP, GAP = 40, 70, 100, 60
+NODE_W = {"QCorrectCalibrateErrors": 330, "QCorrectCompareToReference": 560, "CLIPTextEncode": 330,
           "Note": 330, "MarkdownNote": 330, "SaveImage": 300, "PreviewImage": 300}
-TALL = {"QCorrectCompareToReference": 260, "SaveImage": 280, "PreviewImage": 240, "CLIPTextEncode": 120,
-        "QCorrectCalibrateErrors": 60, "QCorrectRelaxTimesteps": 40}
-GROUP_COLORS = ["#3f789e", "#8A8", "#a1309b", "#b58b2a", "#444"]
+# Room for what a node shows besides its slots and widgets (text reports, images, prompts).
+TALL = {"QCorrectCompareToReference": 300, "SaveImage": 260, "PreviewImage": 240, "CLIPTextEncode": 90,
+        "QCorrectCalibrateErrors": 80, "QCorrectRelaxTimesteps": 60, "QCorrectQuantizeModel": 60,
+        "QCorrectCorrectedKSampler": 70, "QCorrectLoadCorrectionStats": 60, "MarkdownNote": 110}
+GROUP_COLORS = ["#3f789e", "#8A8", "#a1309b", "#b58b2a", "#8AA", "#88A"]  # LiteGraph group colours
 FRONTEND_ONLY = {"Note": ["text"], "MarkdownNote": ["text"]}
 
 # The reference model's sampling settings shared by every reference workflow: its default CFG
@@ -92,8 +94,8 @@ def reference_nodes(relax: bool = False) -> list:
            "filename": "reference/w4a8_relaxed_euler_10" if relax else STATS_FILE},
           {"fp_model": "ref", "quantized_model": q_key, "positive": "pos", "negative": "neg", "latent_image": "latent"}),
         *samplers(q_key, "ref", "calib"),
-        N("decode", "VAEDecode", 4, {}, {"samples": "corrected", "vae": ("ref", 1)}),
-        N("save", "SaveImage", 4, {"filename_prefix": "qcorrect/relaxed" if relax else "qcorrect/corrected"},
+        N("decode", "VAEDecode", 5, {}, {"samples": "corrected", "vae": ("ref", 1)}),
+        N("save", "SaveImage", 5, {"filename_prefix": "qcorrect/relaxed" if relax else "qcorrect/corrected"},
           {"images": "decode"}),
     ]
     return nodes
@@ -139,22 +141,22 @@ def sd15_calibrate(q_key: str, filename: str) -> N:
 
 def sd15_back() -> list:
     return [
-        N("decode", "VAEDecode", 4, {}, {"samples": "corrected", "vae": ("ckpt", 2)}),
-        N("save", "SaveImage", 4, {"filename_prefix": "qcorrect/sd15_corrected"}, {"images": "decode"}),
+        N("decode", "VAEDecode", 5, {}, {"samples": "corrected", "vae": ("ckpt", 2)}),
+        N("save", "SaveImage", 5, {"filename_prefix": "qcorrect/sd15_corrected"}, {"images": "decode"}),
     ]
 
 
 def specs() -> list:
-    main_groups = {"Full precision and conditioning": ["ref", "pos", "neg", "latent"],
-                   "Quantize": ["quant"], "Calibrate (once; writes models/qcorrect/)": ["calib"],
-                   "Sample: corrected vs full precision": ["corrected", "fp"],
-                   "Compare and save": ["compare", "plot", "decode", "save"]}
+    main_groups = {"Model and conditioning": ["ref", "pos", "neg", "latent"],
+                   "Quantize": ["quant"], "Calibrate (once)": ["calib"],
+                   "Corrected vs full precision": ["corrected", "fp"],
+                   "Compare": ["compare", "plot"], "Decode and save": ["decode", "save"]}
     relax_groups = {**main_groups, "Quantize": ["quant", "relax"]}
     sd_groups = {"Checkpoint and prompts": ["ckpt", "pos", "neg", "latent"], "Quantize": ["quant"],
-                 "Calibrate (once; writes models/qcorrect/)": ["calib"],
-                 "Sample: corrected vs full precision": ["corrected", "fp"],
-                 "Compare and save": ["compare", "plot", "decode", "save"]}
+                 "Calibrate (once)": ["calib"], "Corrected vs full precision": ["corrected", "fp"],
+                 "Compare": ["compare", "plot"], "Decode and save": ["decode", "save"]}
     fp8_groups = {**sd_groups, "Quantize": ["unet"]}
+    fp8_groups = {("fp8 model" if k == "Quantize" else k): v for k, v in fp8_groups.items()}
     shared = [
         N("ref", "QCorrectLoadReferenceModel", 0),
         N("pos", "QCorrectReferenceClass", 0, {"label": "3"}, title="Reference Class (positive)"),
@@ -184,9 +186,9 @@ def specs() -> list:
                  "per model, preset and sampler settings; later runs reuse the cached statistics, or load "
                  "the file with Load Correction Stats."),
         Workflow("qcorrect_shared_stats", shared,
-                 {"Reference model and conditioning": ["ref", "pos", "neg", "latent"],
-                  "Quantized model + shared statistics": ["quant", "stats"],
-                  "Corrected sampling": ["corrected", "decode", "save"]},
+                 {"Model and conditioning": ["ref", "pos", "neg", "latent"],
+                  "Quantized model + shared stats": ["quant", "stats"],
+                  "Corrected sampling": ["corrected"], "Decode and save": ["decode", "save"]},
                  "Reuse statistics calibrated elsewhere: run qcorrect_reference_end_to_end once (it writes "
                  "models/qcorrect/reference/w4a8_euler_10.safetensors), or copy a shared file there. "
                  "The stats file records the model's fingerprint; a mismatch is reported."),
@@ -227,7 +229,8 @@ def default_value(kind, opts: dict):
 
 
 def node_height(n_sockets: int, n_widgets: int, kind: str) -> int:
-    return 46 + 22 * n_sockets + 26 * n_widgets + TALL.get(kind, 0)
+    """LiteGraph's body height: 20 px a slot row, 24 px a widget, plus padding and ``TALL``."""
+    return 16 + 20 * n_sockets + 24 * n_widgets + TALL.get(kind, 0)
 
 
 def build(wf: Workflow, object_info: dict) -> dict:
@@ -292,19 +295,24 @@ def build(wf: Workflow, object_info: dict) -> dict:
     for rank, key in enumerate(order):
         ui_nodes[key]["order"] = rank
 
-    # Layout: columns left to right, nodes stacked in spec order; the note under column 0.
+    # Layout: columns left to right (each as wide as its widest node), nodes stacked in spec
+    # order; the note under column 0.
+    widths = {}
+    for n in all_nodes:
+        widths[n.col] = max(widths.get(n.col, 0), ui_nodes[n.key]["size"][0])
+    col_x = {c: COL_X + sum(widths.get(k, 0) + COL_GAP for k in range(c)) for c in widths}
     y_next = {}
     for n in all_nodes:
         ui = ui_nodes[n.key]
         y = y_next.get(n.col, TOP)
-        ui["pos"] = [COL_X + n.col * COL_W, y]
+        ui["pos"] = [col_x[n.col], y]
         y_next[n.col] = y + ui["size"][1] + GAP
 
     groups = []
     for gi, (title, members) in enumerate(wf.groups.items()):
         boxes = [(ui_nodes[k]["pos"], ui_nodes[k]["size"]) for k in members]
         x0 = min(p[0] for p, s in boxes) - 15
-        y0 = min(p[1] for p, s in boxes) - 50
+        y0 = min(p[1] for p, s in boxes) - TITLE_H - 44  # node title bars, then the group's
         x1 = max(p[0] + s[0] for p, s in boxes) + 15
         y1 = max(p[1] + s[1] for p, s in boxes) + 15
         groups.append({"id": gi + 1, "title": title, "bounding": [x0, y0, x1 - x0, y1 - y0],
