@@ -49,6 +49,10 @@ _BOOKKEEPING = {  # ComfyUI's per-model load state: a new model starts unloaded
     "model_lowvram": False, "lowvram_patch_counter": 0, "model_loaded_weight_memory": 0,
     "model_offload_buffer_memory": 0, "current_weight_patches_uuid": None,
 }
+#: what ComfyUI's dynamic-VRAM patcher (ModelPatcherDynamic, the NVIDIA default in 0.29) leaves on
+#: modules and on the model: virtual-memory allocations of *that* model, never to be shared
+_DYNAMIC_MODULE_ATTRS = ("_v", "_v_signature", "_pin_state", "_prefetch")
+_DYNAMIC_MODEL_ATTRS = ("dynamic_vbars", "dynamic_pins")
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
              if hasattr(torch, n))
 
@@ -119,6 +123,10 @@ def _structural_copy(module: nn.Module) -> nn.Module:
     Parameter would move (or be unloaded) together with the other model.
     """
     memo = {}
+    for m in module.modules():
+        for attr in _DYNAMIC_MODULE_ATTRS:
+            if attr in m.__dict__:
+                memo[id(m.__dict__[attr])] = None  # not copied; removed by _reset_load_state
     for p in module.parameters():
         memo[id(p)] = nn.Parameter(p.data, requires_grad=False)
     for b in module.buffers():
@@ -127,7 +135,11 @@ def _structural_copy(module: nn.Module) -> nn.Module:
 
 
 def _reset_load_state(base: nn.Module) -> None:
+    for attr in _DYNAMIC_MODEL_ATTRS:
+        base.__dict__.pop(attr, None)
     for m in base.modules():
+        for attr in _DYNAMIC_MODULE_ATTRS:
+            m.__dict__.pop(attr, None)
         if hasattr(m, "prev_comfy_cast_weights"):
             m.comfy_cast_weights = m.prev_comfy_cast_weights
             del m.prev_comfy_cast_weights

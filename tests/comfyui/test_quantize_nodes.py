@@ -203,3 +203,20 @@ def test_int8_export_loads_with_comfyuis_stock_diffusion_model_loader(comfy, fp)
         fp, stock, conditioning(0), conditioning(1, 0.0), {"samples": torch.zeros(1, 4, 8, 8)}, 0, "euler",
         "normal", 3, 3.0, 1.0, 1, "ptqd", "tests/native_int8"))
     assert "comfy_quant" in stats.meta.quantization and stats.rows == 3
+
+
+def test_dynamic_vram_bookkeeping_of_the_input_is_not_carried_into_the_copy(comfy, fp):
+    """ComfyUI's dynamic-VRAM patcher (the NVIDIA default) leaves per-model allocations on modules
+    (``_v`` …) and on the model; a quantized copy must never share them (CPU: simulated)."""
+    from qcorrect.nodes.quantize import QuantizeModel
+
+    marker = object()
+    conv = next(m for m in fp.get_model_object("diffusion_model").modules() if isinstance(m, torch.nn.Conv2d))
+    conv._v, fp.model.dynamic_vbars = marker, {"cuda:0": marker}
+    try:
+        (q,), _ = node_output(QuantizeModel.execute(fp, "W8A8"))
+        assert not any("_v" in m.__dict__ for m in q.model.modules())
+        assert "dynamic_vbars" not in q.model.__dict__
+        assert conv._v is marker and fp.model.dynamic_vbars["cuda:0"] is marker
+    finally:
+        del conv._v, fp.model.dynamic_vbars
