@@ -30,7 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-import requests
 
 REPO = Path(__file__).resolve().parents[2]
 PACK_NAME = "qcorrect"
@@ -90,6 +89,8 @@ class ComfyServer:
         self.startup_timeout = startup_timeout
         self.port = None
         self.proc = None
+        import requests  # here, not at import: CI collects this folder without ComfyUI's requirements
+
         self.http = requests.Session()
         self.http.trust_env = False  # loopback only: never through a proxy from the environment
         self._object_info = None
@@ -150,6 +151,8 @@ class ComfyServer:
         return self
 
     def _wait_ready(self) -> None:
+        import requests
+
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -192,7 +195,7 @@ class ComfyServer:
         r.raise_for_status()
         return r.json()
 
-    def post(self, path: str, payload=None, timeout: float = 30) -> requests.Response:
+    def post(self, path: str, payload=None, timeout: float = 30):
         return self.http.post(self.url + path, json=payload if payload is not None else {}, timeout=timeout)
 
     def object_info(self, refresh: bool = False) -> dict:

@@ -17,6 +17,7 @@ from . import tiny_sd15
 from .server import ui_to_api
 
 # nodes/README.md, "Inputs and outputs": node id -> (display name, input names, output types).
+# The test also reads the README itself: every input a node declares must be named there.
 SPEC = {
     "QCorrectQuantizeModel": ("Quantize Model", ["model", "preset"], ["MODEL"]),
     "QCorrectQuantizeModelAdvanced": ("Quantize Model (Advanced)",
@@ -33,7 +34,7 @@ SPEC = {
                                    "negative", "latent_image", "denoise", "stats", "method"], ["LATENT"]),
     "QCorrectCorrectionSampler": ("Correction Sampler", ["sampler", "stats", "method", "model"], ["SAMPLER"]),
     "QCorrectLoadCorrectionStats": ("Load Correction Stats", ["stats_name"], ["QCORRECT_STATS"]),
-    "QCorrectSaveQuantizedModel": ("Save Quantized Model", ["model", "filename"], []),
+    "QCorrectSaveQuantizedModel": ("Save Quantized Model", ["model", "filename", "format"], []),
     "QCorrectLoadQuantizedModel": ("Load Quantized Model", ["model", "quantized_name"], ["MODEL"]),
     "QCorrectLoadReferenceModel": ("Load Reference Model", [], ["MODEL", "VAE"]),
     "QCorrectReferenceClass": ("Reference Class", ["label"], ["CONDITIONING"]),
@@ -56,6 +57,12 @@ def comfy_server(request, tmp_path_factory, tiny_models):
     return srvmod.shared_server(request, tmp_path_factory, models)
 
 
+def readme_bullets() -> dict:
+    """Display name -> the text of its bullet in nodes/README.md's "Inputs and outputs"."""
+    text = (srvmod.REPO / "nodes" / "README.md").read_text()
+    return {m.group(1): m.group(2) for m in re.finditer(r"^- \*\*(.+?)\*\*:(.*?)(?=^- \*\*|^\S|\Z)", text, re.M | re.S)}
+
+
 def combo_options(spec):
     kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
     return kind if isinstance(kind, list) else opts.get("options")
@@ -75,6 +82,7 @@ def test_pack_loads_through_the_custom_node_loader(comfy_server):
 
 def test_every_node_is_listed_with_its_inputs(comfy_server):
     info = comfy_server.object_info()
+    bullets = readme_bullets()
     ours = {k for k, v in info.items() if v.get("python_module") == f"custom_nodes.{srvmod.PACK_NAME}"}
     assert ours == set(SPEC), f"missing {set(SPEC) - ours}, unexpected {ours - set(SPEC)}"
     for node_id, (display, inputs, outputs) in SPEC.items():
@@ -83,6 +91,8 @@ def test_every_node_is_listed_with_its_inputs(comfy_server):
         assert d["display_name"] == display
         declared = [name for name, _, _ in srvmod.node_inputs(d)]
         assert sorted(declared) == sorted(inputs), (node_id, declared)
+        named = set(re.findall(r"`([a-z_]+)`", bullets[display]))
+        assert set(declared) <= named, f"{display}: {sorted(set(declared) - named)} not in nodes/README.md"
         assert d["output"] == outputs, (node_id, d["output"])
     assert info["QCorrectSaveQuantizedModel"]["output_node"] is True
     assert "model" in info["QCorrectCorrectionSampler"]["input"].get("optional", {})
