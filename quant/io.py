@@ -113,6 +113,9 @@ def _rebuild(name: str, layer: nn.Module, spec: dict, context) -> nn.Module:
     else:
         raise QuantFileError(f"layer {name!r}: file says {spec['type']}, model has {type(layer).__name__}")
     new.fallback = spec.get("fallback")
+    # calibrated quantizers' extras (input scales, low-rank branch) and per-layer choices
+    new.init_extras(int(spec.get("rank", 0)), bool(spec.get("input_scale", False)))
+    new.calib = spec.get("calib")
     return new
 
 

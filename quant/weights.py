@@ -87,32 +87,59 @@ def check_fits(qt: QType, weight_shape: torch.Size | tuple, layer: str = "?") ->
         )
 
 
+def weight_grid(w2d: torch.Tensor, qt: QType) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest's grid for a float weight ``[out, K]``: ``(scale, zero)`` as float32
+    ``[out, groups]`` holding fp16-exact values (``zero`` is ``None`` for symmetric types).
+
+    The grid every weight quantizer of the pack rounds onto, so that error-compensated rounding
+    (``gptq.py``) stores exactly what round-to-nearest would, only with other codes.
+    """
+    out, k = w2d.shape
+    if not qt.packed:
+        return (w2d.abs().amax(dim=1, keepdim=True) / qt.qmax).clamp_min(_FP16_TINY).half().float(), None
+    g = _grouped(w2d, _group(qt, k))
+    if qt.symmetric:
+        return (g.abs().amax(dim=2) / qt.qmax).clamp_min(_FP16_TINY).half().float(), None
+    lo = g.amin(dim=2).clamp(max=0.0)
+    hi = g.amax(dim=2).clamp(min=0.0)
+    scale = ((hi - lo) / qt.qmax).clamp_min(_FP16_TINY).half().float()
+    zero = torch.round(-lo / scale).clamp_(qt.qmin, qt.qmax)
+    return scale, zero
+
+
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, qt: QType) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (as stored: int8 values, or 0..15 for int4) and their dequantized values for ``w``
+    on the grid ``scale``/``zero`` (broadcastable to ``w``)."""
+    if zero is None:
+        q = torch.round(w / scale).clamp_(qt.qmin, qt.qmax)
+        return (q.to(torch.int8) if not qt.packed else q - qt.qmin), q * scale
+    q = (torch.round(w / scale) + zero).clamp_(qt.qmin, qt.qmax)
+    return q, (q - zero) * scale
+
+
+def storage_from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, qt: QType) -> dict[str, torch.Tensor]:
+    """Stored codes ``[out, K]`` and the grid ``[out, groups]`` → the storage tensors of ``qt``."""
+    if not qt.packed:
+        return {"qweight": codes.to(torch.int8), "scale": scale.half()}
+    storage = {"qweight": pack_int4(codes.to(torch.uint8)), "scale": scale.half()}
+    if zero is not None:
+        storage["zero"] = zero.half()
+    return storage
+
+
 def quantize_weight(weight: torch.Tensor, qt: QType, layer: str = "?") -> dict[str, torch.Tensor]:
-    """Quantize a Linear/Conv2d weight; returns the storage tensors (``qweight``, ``scale``[, ``zero``])."""
+    """Quantize a Linear/Conv2d weight to nearest; returns the storage tensors (``qweight``, ``scale``[, ``zero``])."""
     if not torch.isfinite(weight).all():
         raise QuantizationError(f"layer {layer!r}: weight has NaN or inf values; refusing to quantize")
     w = weight.detach().float().reshape(weight.shape[0], -1)
     out, k = w.shape
-    if not qt.packed:
-        scale = (w.abs().amax(dim=1, keepdim=True) / qt.qmax).clamp_min(_FP16_TINY).half()
-        q = torch.round(w / scale.float()).clamp_(qt.qmin, qt.qmax).to(torch.int8)
-        return {"qweight": q, "scale": scale}
-    check_fits(qt, weight.shape, layer)
-    g = _grouped(w, _group(qt, k))
-    if qt.symmetric:
-        scale = (g.abs().amax(dim=2, keepdim=True) / qt.qmax).clamp_min(_FP16_TINY).half()
-        q = torch.round(g / scale.float()).clamp_(qt.qmin, qt.qmax) - qt.qmin  # stored as 0..14
-        return {"qweight": pack_int4(q.reshape(out, k).to(torch.uint8)), "scale": scale.squeeze(2)}
-    lo = g.amin(dim=2, keepdim=True).clamp(max=0.0)
-    hi = g.amax(dim=2, keepdim=True).clamp(min=0.0)
-    scale = ((hi - lo) / qt.qmax).clamp_min(_FP16_TINY).half()
-    zero = torch.round(-lo / scale.float()).clamp_(qt.qmin, qt.qmax)
-    q = (torch.round(g / scale.float()) + zero).clamp_(qt.qmin, qt.qmax)
-    return {
-        "qweight": pack_int4(q.reshape(out, k).to(torch.uint8)),
-        "scale": scale.squeeze(2),
-        "zero": zero.squeeze(2).half(),
-    }
+    if qt.packed:
+        check_fits(qt, weight.shape, layer)
+    scale, zero = weight_grid(w, qt)
+    group = _group(qt, k)
+    g = _grouped(w, group)
+    codes, _ = round_to_grid(g, scale.unsqueeze(2), None if zero is None else zero.unsqueeze(2), qt)
+    return storage_from_codes(codes.reshape(out, k), scale, zero, qt)
 
 
 def dequantize_weight(

@@ -1,0 +1,130 @@
+"""GPTQ-style error-compensated rounding into the existing storage (issue 11)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcorrect.quant import QuantizationError, load_quantized, quantize_model, quantized_layers, qtype, save_quantized
+from qcorrect.quant.gptq import dampened, gptq_quantize, output_error
+from qcorrect.quant.weights import blob_nbytes, dequantize_weight, quantize_weight, storage_shapes
+
+TYPES = ["uint4_g64", "int4_g64", "uint4_g32", "uint4", "int4", "int8"]
+
+
+def correlated_rows(n, k, seed, rank=None):
+    """Inputs with a strongly anisotropic second moment, like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=torch.Generator().manual_seed(99)) / k**0.5
+    x = torch.randn(n, k, generator=g) @ mix + 0.2 * torch.randn(n, k, generator=g)
+    return x * torch.linspace(0.2, 3.0, k)  # unequal channel energies
+
+
+def rtn(w, qt):
+    return dequantize_weight(quantize_weight(w, qt), qt, w.shape, torch.float32)
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("act_order", [True, False])
+def test_diagonal_second_moments_give_round_to_nearest_exactly(name, act_order):
+    qt = qtype(name)
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
+    h = torch.diag(torch.rand(128, generator=torch.Generator().manual_seed(1)) + 0.1)
+    got, want = gptq_quantize(w, h, qt, act_order=act_order), quantize_weight(w, qt)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("act_order", [True, False])
+def test_lower_held_out_output_error_than_round_to_nearest_same_storage(name, act_order):
+    qt = qtype(name)
+    k, out = 256, 48
+    w = 0.05 * torch.randn(out, k, generator=torch.Generator().manual_seed(2))
+    fit, hold = correlated_rows(3000, k, 3), correlated_rows(1500, k, 4)
+    h, h_hold = fit.T @ fit, hold.T @ hold
+    storage = gptq_quantize(w, h, qt, act_order=act_order)
+    want = storage_shapes(qt, out, k)
+    assert {n: (tuple(t.shape), t.dtype) for n, t in storage.items()} == want
+    q = dequantize_weight(storage, qt, w.shape, torch.float32)
+    assert output_error(w, q, h_hold) < 0.8 * output_error(w, rtn(w, qt), h_hold)
+
+
+def test_conv_as_a_matrix_over_unfolded_inputs():
+    torch.manual_seed(5)
+    conv = nn.Conv2d(64, 8, 3, padding=1).requires_grad_(False)
+    x = torch.randn(40, 64, 6, 6).cumsum(dim=1) / 8  # correlated channels
+    rows = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 64 * 9)
+    fit, hold = rows[: 20 * 36], rows[20 * 36 :]
+    qt = qtype("uint4_g64")
+    q = dequantize_weight(gptq_quantize(conv.weight, fit.T @ fit, qt), qt, conv.weight.shape, torch.float32)
+    # the output error of the real convolution on the held-out half, not just the quadratic form
+    xh = x[20:]
+    err_g = (F.conv2d(xh, q, None, 1, 1) - F.conv2d(xh, conv.weight, None, 1, 1)).pow(2).sum()
+    err_r = (F.conv2d(xh, rtn(conv.weight, qt), None, 1, 1) - F.conv2d(xh, conv.weight, None, 1, 1)).pow(2).sum()
+    assert err_g < 0.8 * err_r
+    assert abs(output_error(conv.weight, q, hold.T @ hold) - float(err_g)) < 1e-3 * float(err_g)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv_in = nn.Conv2d(4, 8, 3, padding=1)
+        self.a = nn.Linear(128, 64)
+        self.conv_out = nn.Conv2d(8, 4, 3, padding=1)
+
+
+def test_gptq_storage_loads_with_load_quantized(tmp_path):
+    m = Tiny()
+    quantize_model(m, "W4A16")
+    layer = quantized_layers(m)["a"]
+    rows = correlated_rows(800, 128, 7)
+    w = Tiny().a.weight
+    layer.set_storage(gptq_quantize(w, rows.T @ rows, layer.wqtype))
+    assert layer.weight.numel() == blob_nbytes(layer.wqtype, layer.weight_shape)
+    save_quantized(m, str(tmp_path / "g.safetensors"))
+    back = load_quantized(Tiny(), str(tmp_path / "g.safetensors"))
+    assert torch.equal(quantized_layers(back)["a"].weight, layer.weight)
+    x = torch.randn(3, 128)
+    assert torch.equal(back.a(x), m.a(x))
+
+
+def test_dead_inputs_keep_their_weights_and_round_to_nearest():
+    qt = qtype("uint4_g64")
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(8))
+    rows = correlated_rows(600, 128, 9)
+    rows[:, :64] = 0  # the first group never sees an input
+    q = dequantize_weight(gptq_quantize(w, rows.T @ rows, qt), qt, w.shape, torch.float32)
+    assert torch.equal(q[:, :64], rtn(w, qt)[:, :64])  # not zeroed, not moved
+
+
+def test_too_few_rows_for_the_statistics_still_quantizes_with_damping():
+    qt = qtype("uint4_g64")
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(10))
+    rows = correlated_rows(20, 128, 11)  # rank 20 < K = 128: singular without damping
+    q = dequantize_weight(gptq_quantize(w, rows.T @ rows, qt), qt, w.shape, torch.float32)
+    assert torch.isfinite(q).all()
+    assert output_error(w, q, rows.T @ rows) < output_error(w, rtn(w, qt), rows.T @ rows)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_statistics_are_refused_naming_the_layer(bad):
+    h = torch.eye(128)
+    h[3, 5] = bad
+    with pytest.raises(QuantizationError, match="'blk.a'.*NaN or inf"):
+        gptq_quantize(torch.randn(4, 128), h, "uint4_g64", layer="blk.a")
+
+
+def test_all_zero_statistics_and_wrong_shapes_are_refused():
+    with pytest.raises(QuantizationError, match="no non-zero input"):
+        gptq_quantize(torch.randn(4, 128), torch.zeros(128, 128), "uint4_g64")
+    with pytest.raises(QuantizationError, match=r"\(128, 128\)"):
+        gptq_quantize(torch.randn(4, 128), torch.eye(64), "uint4_g64")
+
+
+def test_damping_is_relative_to_the_mean_diagonal():
+    h = torch.diag(torch.tensor([2.0, 4.0, 0.0, 6.0]))
+    hd, dead = dampened(h, 0.5)
+    assert dead.tolist() == [False, False, True, False]
+    assert torch.allclose(torch.diagonal(hd), torch.tensor([4.0, 6.0, 3.0, 8.0], dtype=torch.float64))
