@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 
@@ -231,6 +232,16 @@ class ComfyServer:
         if entry["status"].get("status_str") != "success":
             raise ExecutionFailed(entry, self.log_tail())
         return entry
+
+    def clear_cache(self, timeout: float = 120) -> None:
+        """Drop ComfyUI's cached node outputs (``POST /free``) so the next prompt executes every node.
+
+        The worker applies the flag after its current wait or prompt; a throwaway prompt queued
+        behind it makes sure that has happened before anything queued later runs.
+        """
+        self.post("/free", {"free_memory": True}).raise_for_status()
+        self.run({"1": {"class_type": "PrimitiveString", "inputs": {"value": uuid.uuid4().hex}},
+                  "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}, timeout)
 
     def running(self) -> list:
         return self.get("/queue")["queue_running"]

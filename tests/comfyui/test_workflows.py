@@ -51,10 +51,14 @@ def load(name: str) -> dict:
 
 
 def run_workflow(srv, name: str, overrides=None) -> tuple[dict, dict]:
-    """Run a workflow file; returns (API prompt, history entry). Combo lists (stats files) are
-    read fresh, as the frontend does after a run."""
+    """Run a workflow file with every node executed (no outputs cached by earlier tests); returns
+    (API prompt, history entry). Combo lists (stats files) are read fresh, as the frontend does."""
     prompt = ui_to_api(load(name), srv.object_info(refresh=True), overrides)
-    return prompt, srv.run(prompt, timeout=RUN_TIMEOUT)
+    srv.clear_cache()
+    entry = srv.run(prompt, timeout=RUN_TIMEOUT)
+    cached = [n for m in messages(entry, "execution_cached") for n in m.get("nodes", [])]
+    assert not cached, f"{name}: nodes {cached} came from the cache"
+    return prompt, entry
 
 
 def outputs_of(prompt: dict, entry: dict, class_type: str) -> list:
