@@ -7,9 +7,13 @@ setting of Q-Diffusion and PTQD (ALGORITHMS.md §1). Modes:
 * ``dynamic``: the range is the current tensor's min/max, taken per sample (along dim 0), so a
   sample quantizes the same whether it runs alone or batched with others (CFG's cond/uncond
   halves, a benchmark's batch); "per tensor" means per image's activation tensor.
-* ``static``: ranges calibrated per σ (see ``observers``) are looked up for the σ of the call: the
-  nearest calibrated σ in log σ. Outside a σ scope (no σ published) the union of all calibrated
-  ranges is used, a documented fallback that never clips more than any calibrated step did.
+* ``static``: ranges calibrated per σ (see ``observers`` and ``calibration.ranges``) are looked up
+  for the σ of the call: the nearest calibrated σ in log σ, which is how ranges calibrated on one
+  schedule transfer to another step count or scheduler. Documented fallbacks: a σ outside the
+  calibrated range gets the ranges of the nearest end (check a schedule beforehand with
+  :func:`uncovered_sigmas`; the lookup itself stays sync-free); outside a σ scope (no σ published)
+  the union of all calibrated ranges is used, which never clips more than any calibrated step did.
+  A static layer without any range refuses to run, naming itself.
 
 A bit-width schedule ``[(sigma_lo, sigma_hi, bits), …]`` overrides the default bit-width inside
 σ ranges; it is how PCR's "relaxed" steps run at 10 or 16 bits (ALGORITHMS.md §6). All lookups
@@ -126,6 +130,33 @@ class ActQuantizer(nn.Module):
         self.range_hi = hi[order].to(device)
         self.mode = "static"
 
+    def add_static_range(self, sigma: float, lo: float, hi: float) -> None:
+        """Add (or replace) the range of one σ, keeping the others: progressive calibration."""
+        sigmas, los, his = self.range_sigmas.tolist(), self.range_lo.tolist(), self.range_hi.tolist()
+        keep = [i for i, s in enumerate(sigmas) if not math.isclose(s, sigma, rel_tol=1e-6)]
+        self.set_static_ranges(
+            [sigmas[i] for i in keep] + [sigma], [los[i] for i in keep] + [lo], [his[i] for i in keep] + [hi]
+        )
+
+    def clear_static_ranges(self) -> None:
+        device = self.range_lo.device
+        self.range_sigmas, self.range_lo, self.range_hi = (torch.empty(0, device=device) for _ in range(3))
+
+    def calibrated_sigma_range(self) -> tuple[float, float] | None:
+        """``(smallest, largest)`` calibrated σ, or ``None`` without static ranges."""
+        if len(self.range_sigmas) == 0:
+            return None
+        return float(self.range_sigmas[0]), float(self.range_sigmas[-1])
+
+    def bits_at(self, sigma: float | None) -> int:
+        """The bit-width used at ``sigma`` (host-side twin of :meth:`current_bits`, for calibration)."""
+        bits = self.qtype.bits
+        if sigma is not None:
+            for lo, hi, b in self.schedule:  # the last matching entry wins
+                if lo <= sigma <= hi:
+                    bits = b
+        return bits
+
     def set_schedule(self, schedule: list) -> None:
         """Bit-width overrides by σ range; an empty list restores the default bit-width."""
         self.schedule = _check_schedule(schedule, self.layer)
@@ -179,3 +210,20 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{None if self.qtype is None else self.qtype.name}, mode={self.mode}"
+
+
+def uncovered_sigmas(module: nn.Module, sigmas, rtol: float = 0.05) -> list[float]:
+    """The model-call σ's of ``sigmas`` (σ > 0) outside the calibrated σ range of ``module``'s static
+    layers by more than ``rtol`` (relative): where static ranges fall back to the nearest end.
+
+    Empty when every σ is covered or no layer is static. The σ range is the one all static layers
+    share (the intersection), so a σ is reported if any static layer lacks coverage there.
+    """
+    spans = [m.calibrated_sigma_range() for m in module.modules()
+             if isinstance(m, ActQuantizer) and m.mode == "static"]
+    spans = [s for s in spans if s is not None]
+    if not spans:
+        return []
+    lo, hi = max(s[0] for s in spans), min(s[1] for s in spans)
+    values = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1) if float(s) > 0]
+    return [s for s in values if s < lo * (1 - rtol) or s > hi * (1 + rtol)]

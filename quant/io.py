@@ -26,7 +26,7 @@ from .activations import ActQuantizer
 from .context import attach_context, get_context
 from .errors import QuantFileError, QuantizationError
 from .modules import QuantConv2d, QuantLinear
-from .plan import KEPT_ATTR, PLAN_ATTR, PLAN_FORMAT, QuantPlan, _set_submodule, is_float_layer, quantization_plan
+from .plan import ACT_CALIBRATION_ATTR, KEPT_ATTR, PLAN_ATTR, PLAN_FORMAT, QuantPlan, _set_submodule, is_float_layer, quantization_plan
 from .weights import decode_blob, encode_blob, input_size, storage_shapes
 
 FORMAT_TAG = "qcorrect.quantized_model"
@@ -150,6 +150,8 @@ def load_quantized(module: nn.Module, path: str) -> nn.Module:
     if plan.get("plan"):
         module.__dict__[PLAN_ATTR] = QuantPlan.from_json(json.dumps(plan["plan"]))
     module.__dict__[KEPT_ATTR] = dict(plan.get("kept", {}))
+    if isinstance(plan.get("act_calibration"), dict):
+        module.__dict__[ACT_CALIBRATION_ATTR] = plan["act_calibration"]
     return module
 
 

@@ -3,15 +3,18 @@
 ``with ActivationObserver(qmodel) as obs: <run the sampler>`` hooks the inputs of ``qmodel``'s
 quantized layers only (modules this pack created), groups what it sees by the σ published through
 the model's :class:`~.context.QuantContext`, and removes every hook on exit. ``obs.apply()`` then
-stores the ranges in the layers and switches them to static mode.
+stores the ranges in the layers and switches them to static mode. The observer can be entered
+again (progressive calibration observes one step at a time); what it recorded is kept.
 
 Range estimators: ``minmax``; ``percentile`` (clip at the given percentile, both tails); ``mse``
 (the clip ratio of the min/max range that minimises the fake-quantization MSE at the layer's
-bit-width, searched on a grid, as Q-Diffusion's MSE initialisation does, ALGORITHMS.md §1).
-Percentile and MSE work on a bounded random sample per (layer, σ) so memory stays flat.
+bit-width at that σ, searched on a grid, as Q-Diffusion's MSE initialisation does, ALGORITHMS.md
+§1). Percentile and MSE work on a bounded random sample per (layer, σ), and :meth:`finish` turns
+the records of a σ into ranges and frees its sample, so memory stays flat over a whole schedule.
 
 Unlike momentum-averaged ranges, nothing is mixed across σ: diffusion activations change with the
-noise level, which is the point of keeping ranges per σ.
+noise level, which is the point of keeping ranges per σ. A NaN or inf activation is refused with
+the layer and σ named (a range cannot be made from it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,29 @@ from .errors import QuantizationError
 from .plan import quantized_layers
 
 METHODS = ("minmax", "percentile", "mse")
+MISSING = ("error", "dynamic")
+
+
+def sigma_key(sigma) -> float:
+    """How observers key a model call's σ (first element, rounded): calls at one σ share ranges."""
+    return round(float(torch.as_tensor(sigma).reshape(-1)[0]), 6)
+
+
+def mse_clip(sample: torch.Tensor, lo: float, hi: float, bits: int, symmetric: bool) -> tuple[float, float]:
+    """The ``(ratio·lo, ratio·hi)``, ratio on a grid in [0.3, 1], with the smallest fake-quant MSE."""
+    best, best_err = (lo, hi), float("inf")
+    for ratio in torch.linspace(0.3, 1.0, 36).tolist():
+        clo, chi = torch.tensor(lo * ratio), torch.tensor(hi * ratio)
+        err = float((fake_quantize(sample, clo, chi, bits, symmetric) - sample).pow(2).mean())
+        if err < best_err:
+            best, best_err = (lo * ratio, hi * ratio), err
+    return best
+
+
+def percentile_clip(sample: torch.Tensor, lo: float, percentile: float) -> tuple[float, float]:
+    q = torch.tensor([1 - percentile / 100, percentile / 100])
+    qlo, qhi = torch.quantile(sample, q).tolist()
+    return (min(qlo, 0.0) if lo < 0 else qlo), qhi
 
 
 class ActivationObserver:
@@ -55,11 +81,13 @@ class ActivationObserver:
         self._gen = torch.Generator().manual_seed(seed)
         self._minmax: dict[tuple[str, float], list[float]] = {}
         self._samples: dict[tuple[str, float], torch.Tensor] = {}
+        self._done: dict[tuple[str, float], tuple[float, float]] = {}
         self._handles: list = []
         self._modes: dict[str, str] = {}
 
     # hooks ---------------------------------------------------------------------------------
     def __enter__(self) -> "ActivationObserver":
+        self._modes = {}
         for name, layer in self.layers.items():
             self._modes[name] = layer.act.mode
             # while observing, inputs run unquantized (or dynamically quantized when asked), so
@@ -74,6 +102,7 @@ class ActivationObserver:
         self._handles.clear()
         for name, mode in self._modes.items():
             self.layers[name].act.mode = mode
+        self._modes = {}
 
     def _hook(self, name: str):
         def record(_module, args):
@@ -88,13 +117,20 @@ class ActivationObserver:
                 "observer saw a model call without σ: call the model inside quant.sigma_scope "
                 "(or through SigmaScopedDenoiser) so ranges can be recorded per σ"
             )
-        return round(float(sigma.reshape(-1)[0]), 6)
+        return sigma_key(sigma)
 
     def observe(self, name: str, x: torch.Tensor) -> None:
         key = (name, self._sigma_key())
+        if key in self._done:
+            raise QuantizationError(f"layer {name!r}: σ={key[1]} was already finished; observe a σ before finishing it")
         x = x.detach().float()
         lo, hi = torch.aminmax(x)
         lo, hi = float(lo), float(hi)
+        if not (abs(lo) < float("inf") and abs(hi) < float("inf")):  # also catches NaN
+            raise QuantizationError(
+                f"layer {name!r}: NaN or inf in its input at σ={key[1]}; no range can be calibrated from it "
+                "(check the model and its weight quantization; nothing was stored)"
+            )
         cur = self._minmax.get(key)
         self._minmax[key] = [min(lo, cur[0]), max(hi, cur[1])] if cur else [lo, hi]
         if self.method != "minmax":
@@ -108,38 +144,72 @@ class ActivationObserver:
             self._samples[key] = pool
 
     # results -------------------------------------------------------------------------------
-    def _estimate(self, key: tuple[str, float], bits: int, symmetric: bool) -> tuple[float, float]:
+    @property
+    def pending(self) -> list[float]:
+        """σ keys observed but not finished yet."""
+        return sorted({s for _, s in self._minmax})
+
+    def _estimate(self, key: tuple[str, float]) -> tuple[float, float]:
         lo, hi = self._minmax[key]
         if self.method == "minmax":
             return lo, hi
         sample = self._samples[key]
         if self.method == "percentile":
-            q = torch.tensor([1 - self.percentile / 100, self.percentile / 100])
-            qlo, qhi = torch.quantile(sample, q).tolist()
-            return min(qlo, 0.0) if lo < 0 else qlo, qhi
-        best, best_err = (lo, hi), float("inf")
-        for ratio in torch.linspace(0.3, 1.0, 36).tolist():
-            clo, chi = torch.tensor(lo * ratio), torch.tensor(hi * ratio)
-            err = float((fake_quantize(sample, clo, chi, bits, symmetric) - sample).pow(2).mean())
-            if err < best_err:
-                best, best_err = (lo * ratio, hi * ratio), err
-        return best
+            return percentile_clip(sample, lo, self.percentile)
+        act = self.layers[key[0]].act
+        return mse_clip(sample, lo, hi, act.bits_at(key[1]), act.qtype.symmetric)
+
+    def finish(self, sigmas: list[float] | None = None) -> dict[str, dict[float, tuple[float, float]]]:
+        """Turn the records of the given σ keys (default: all pending) into ranges and free them.
+
+        Returns ``{layer: {σ: (lo, hi)}}`` for those σ's. The estimate uses the bit-width the layer
+        runs at that σ (its relax schedule included), which matters for ``mse``.
+        """
+        wanted = set(self.pending if sigmas is None else sigmas)
+        out: dict[str, dict[float, tuple[float, float]]] = {}
+        for key in sorted(k for k in self._minmax if k[1] in wanted):
+            self._done[key] = self._estimate(key)
+            out.setdefault(key[0], {})[key[1]] = self._done[key]
+            del self._minmax[key]
+            self._samples.pop(key, None)
+        return out
 
     def ranges(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``{layer: (sigmas, lo, hi)}`` from everything observed so far."""
-        if not self._minmax:
+        """``{layer: (sigmas, lo, hi)}`` from everything observed so far (pending σ's are finished)."""
+        self.finish()
+        if not self._done:
             raise QuantizationError("observer recorded nothing: run the model inside the `with` block")
         out: dict[str, list] = {}
-        for (name, sigma) in sorted(self._minmax):
-            act = self.layers[name].act
-            lo, hi = self._estimate((name, sigma), act.qtype.bits, act.qtype.symmetric)
+        for (name, sigma), (lo, hi) in sorted(self._done.items()):
             out.setdefault(name, []).append((sigma, lo, hi))
         return {n: tuple(torch.tensor(col) for col in zip(*rows)) for n, rows in out.items()}
 
-    def apply(self) -> int:
-        """Store the ranges in the layers (static mode); returns how many layers got ranges."""
+    def unobserved(self) -> list[str]:
+        """Quantized layers with an activation quantizer that were never called while observing."""
+        seen = {n for n, _ in self._done} | {n for n, _ in self._minmax}
+        return sorted(n for n in self.layers if n not in seen)
+
+    def apply(self, missing: str = "error") -> int:
+        """Store the ranges in the layers (static mode); returns how many layers got ranges.
+
+        ``missing`` says what happens to layers never observed: ``"error"`` (default) refuses and
+        changes nothing; ``"dynamic"`` keeps them quantized with dynamic per-sample ranges.
+        """
+        if missing not in MISSING:
+            raise QuantizationError(f"missing must be one of {MISSING}, got {missing!r}")
         ranges = self.ranges()
+        never = self.unobserved()
+        if never and missing == "error":
+            raise QuantizationError(
+                f"{len(never)} layer(s) never saw an input while observing, so they have no range: "
+                f"{', '.join(never[:5])}{' …' if len(never) > 5 else ''} (run them, or apply(missing='dynamic'))"
+            )
         for name, (sigmas, lo, hi) in ranges.items():
             self.layers[name].act.set_static_ranges(sigmas, lo, hi)
-            self._modes[name] = "static"
+            if name in self._modes:
+                self._modes[name] = "static"
+        for name in never:
+            self.layers[name].act.mode = "dynamic"
+            if name in self._modes:
+                self._modes[name] = "dynamic"
         return len(ranges)

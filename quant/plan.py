@@ -35,6 +35,8 @@ from .weights import input_size, misfit
 PLAN_FORMAT = 1
 PLAN_ATTR = "qcorrect_quant_plan"
 KEPT_ATTR = "qcorrect_kept_layers"
+#: how the static activation ranges were calibrated (``calibration.ranges.RangeReport.info``), if they were
+ACT_CALIBRATION_ATTR = "qcorrect_act_calibration"
 
 #: names of the layers that carry the time (and class) embedding in common UNets
 TIME_EMBED_PATTERNS = (
@@ -223,6 +225,7 @@ def quantization_plan(module: nn.Module) -> dict:
         "plan": None if plan is None else json.loads(plan.to_json()),
         "layers": layers,
         "kept": dict(module.__dict__.get(KEPT_ATTR, {})),
+        "act_calibration": module.__dict__.get(ACT_CALIBRATION_ATTR),
     }
 
 
