@@ -150,7 +150,8 @@ class _QuantLayer(nn.Module):
 
     def _scale_view(self, like: torch.Tensor) -> torch.Tensor:
         s = self.input_scale.to(device=like.device, dtype=like.dtype)
-        return s.reshape(1, -1, *([1] * (like.ndim - 2)))
+        # a Linear's input channel is the last dim (of its weight and of any [..., C] input)
+        return s if self.layer_type == "linear" else s.reshape(1, -1, 1, 1)
 
     def _lowrank_weight(self, like: torch.Tensor) -> torch.Tensor:
         up = self.lowrank_up.to(device=like.device, dtype=like.dtype)

@@ -45,7 +45,7 @@ def qconv():
 
 def test_linear_forward_is_the_effective_weight_and_branch():
     q = with_extras(qlinear())
-    x = torch.randn(5, 128)
+    x = torch.randn(5, 7, 128)  # tokens: the channel is the last dim
     s = q.input_scale.float()
     main = F.linear(x / s, q.stored_weight(), q.bias)
     branch = x @ q.lowrank_down.float().T @ q.lowrank_up.float().T

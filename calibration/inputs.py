@@ -1,0 +1,241 @@
+"""Per-layer input statistics streamed from full-precision sampling (for ``quant/`` calibrated rounding).
+
+:func:`collect_inputs` samples the FP denoiser on the calibration set, with any k-diffusion sampler,
+the way the correction collector and ComfyUI run it (conditioning, a starting latent, a schedule),
+and feeds every forward call of the chosen Linear/Conv2d layers into
+:class:`~qcorrect.quant.layerinputs.LayerInputs`: ``Σ w·x xᵀ`` over the layer's rows (a conv's
+inputs unfolded to ``in·kh·kw`` columns, as GPTQ treats convs), plus per-channel ranges.
+
+* **Held out**: every ``holdout_every``-th calibration sample goes to the held-out sums, the others
+  to the fit sums, by micro-batch, so the quantizers can check each choice on samples it was not
+  made on.
+* **Per-step weight**: ``step_weight(σ) -> float`` multiplies the rows of the calls at σ (keyed by σ,
+  not step index, so it means the same for any schedule); e.g. :func:`early_weight` weights the
+  noisy first steps, where most of the final error is made (docs/BENCHMARKS.md, "The ceiling").
+* **Memory**: the sums take ``2·K²`` float32 per layer. With ``max_bytes`` the layers are split, in
+  registration order, into groups whose sums fit, and the calibration set is sampled once per group
+  (sampling is deterministic, so every group sees the same trajectories): the peak is one group's
+  sums plus one unfold chunk. Unfolded rows are processed in chunks of at most ``chunk_elems``
+  values; ``max_rows`` keeps a random subset of rows per call (deterministic generator) when a call
+  has more.
+
+Hooks are installed on the given layers only, inside a scope, and removed on exit (also on error).
+A non-finite input raises :class:`CalibrationError` naming the layer and σ: a model that produces
+NaN/inf while sampling cannot be calibrated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.layerinputs import LayerInputs
+from ..quant.plan import is_float_layer
+from .errors import CalibrationError
+
+
+def early_weight(factor: float, sigma_min: float = 3.0) -> Callable[[float], float]:
+    """A per-step weight: ``factor`` for calls with σ ≥ ``sigma_min``, else 1."""
+    if not factor > 0:
+        raise CalibrationError(f"the early-step weight must be positive, got {factor!r}")
+    return lambda sigma: float(factor) if sigma >= sigma_min else 1.0
+
+
+class _Accumulator:
+    """Forward pre-hooks that stream the inputs of ``layers`` into :class:`LayerInputs`."""
+
+    def __init__(self, layers: dict[str, nn.Module], max_rows: int | None, chunk_elems: int, seed: int) -> None:
+        self.layers = layers
+        self.stats = {n: LayerInputs.empty(_kind(m), _k(m), _channels(m)) for n, m in layers.items()}
+        self.weight = 1.0
+        self.sigma = float("nan")
+        self.split = "fit"
+        self.max_rows = max_rows
+        self.chunk_elems = chunk_elems
+        self.gen = torch.Generator().manual_seed(seed)
+        self.handles: list = []
+        self.wcalls = {n: 0.0 for n in layers}
+
+    def finish(self) -> dict[str, LayerInputs]:
+        """Turn the channel sums into means (over samples and calls, step-weighted)."""
+        for n, s in self.stats.items():
+            w = self.wcalls[n]
+            if w > 0:
+                s.hi /= w
+                s.lo /= w
+                s.absmean /= w
+        return self.stats
+
+    @contextlib.contextmanager
+    def hooked(self):
+        try:
+            for name, m in self.layers.items():
+                self.handles.append(m.register_forward_pre_hook(self._hook(name)))
+            yield self
+        finally:
+            for h in self.handles:
+                h.remove()
+            self.handles.clear()
+
+    def _hook(self, name: str):
+        def record(module, args):
+            self.observe(name, module, args[0])
+        return record
+
+    def observe(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        x = x.detach()
+        if not bool(torch.isfinite(x).all()):
+            raise CalibrationError(f"layer {name!r}: its input has NaN/inf at σ={self.sigma:.4g}; the full-precision "
+                                   "model cannot be calibrated on these inputs")
+        s = self.stats[name]
+        x = x.float().cpu()
+        per_sample = x.reshape(x.shape[0], -1, x.shape[-1]) if s.kind == "linear" else x.flatten(2).transpose(1, 2)
+        # per-channel ranges per sample (dim 0 = sample, as the dynamic activation quantizer sees it)
+        s.hi += self.weight * per_sample.amax(dim=1).sum(0)
+        s.lo += self.weight * per_sample.amin(dim=1).sum(0)
+        s.absmax = torch.maximum(s.absmax, per_sample.abs().amax(dim=(0, 1)))
+        s.absmean += self.weight * per_sample.abs().mean(dim=1).sum(0)
+        s.calls += x.shape[0]
+        self.wcalls[name] += self.weight * x.shape[0]
+        h = s.h_fit if self.split == "fit" else s.h_hold
+        rows_total = 0
+        for rows in self._rows(module, x, s):
+            if self.max_rows and rows.shape[0] > self.max_rows:
+                rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[: self.max_rows]]
+            h.addmm_(rows.T, rows, alpha=self.weight)
+            rows_total += rows.shape[0]
+        if self.split == "fit":
+            s.rows_fit += rows_total
+            s.wsum_fit += self.weight * rows_total
+        else:
+            s.rows_hold += rows_total
+            s.wsum_hold += self.weight * rows_total
+
+    def _rows(self, module: nn.Module, x: torch.Tensor, s: LayerInputs):
+        if s.kind == "linear":
+            flat = x.reshape(-1, x.shape[-1])
+            step = max(1, self.chunk_elems // max(1, s.k))
+            for i in range(0, flat.shape[0], step):
+                yield flat[i : i + step]
+            return
+        per = s.k * (x.shape[-1] * x.shape[-2])  # an upper bound on one sample's unfolded size
+        step = max(1, self.chunk_elems // max(1, per))
+        for i in range(0, x.shape[0], step):
+            cols = F.unfold(x[i : i + step], module.kernel_size, module.dilation, module.padding, module.stride)
+            yield cols.transpose(1, 2).reshape(-1, s.k)
+
+
+def _kind(m: nn.Module) -> str:
+    return "linear" if isinstance(m, nn.Linear) else "conv2d"
+
+
+def _k(m: nn.Module) -> int:
+    return m.weight[0].numel()
+
+
+def _channels(m: nn.Module) -> int:
+    return m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups
+
+
+def stats_bytes(layers: dict[str, nn.Module]) -> dict[str, int]:
+    """Bytes each layer's statistics take (two float32 ``[K, K]`` sums plus four channel vectors)."""
+    return {n: 4 * (2 * _k(m) ** 2 + 4 * _channels(m)) for n, m in layers.items()}
+
+
+def layer_groups(layers: dict[str, nn.Module], max_bytes: int | None) -> list[list[str]]:
+    """Registration-order groups of layers whose statistics fit ``max_bytes`` together (a layer that
+    alone exceeds it gets a group of its own)."""
+    sizes = stats_bytes(layers)
+    if not max_bytes:
+        return [list(layers)]
+    groups, cur, used = [], [], 0
+    for n in layers:
+        if cur and used + sizes[n] > max_bytes:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(n)
+        used += sizes[n]
+    return groups + [cur] if cur else groups
+
+
+def calibration_layers(module: nn.Module, names=None) -> dict[str, nn.Module]:
+    """The float Linear/Conv2d layers of ``module`` to collect (``names``: a subset, in model order).
+    Grouped convolutions are skipped: their weight is not one matrix over one input."""
+    layers = {n: m for n, m in module.named_modules() if is_float_layer(m)}
+    if names is not None:
+        wanted = set(names)
+        missing = wanted - set(layers)
+        if missing:
+            raise CalibrationError(f"no float Linear/Conv2d layer named {sorted(missing)[:5]} in the model")
+        layers = {n: m for n, m in layers.items() if n in wanted}
+    return {n: m for n, m in layers.items() if not (isinstance(m, nn.Conv2d) and m.groups != 1)}
+
+
+@torch.no_grad()
+def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor, sigmas: torch.Tensor,
+                   extra: dict | None = None, *, layers=None, noise_sampler_factory=None, holdout_every: int = 4,
+                   batch_size: int = 16, step_weight: Callable[[float], float] | None = None,
+                   max_bytes: int | None = None, max_rows: int | None = None, chunk_elems: int = 1 << 24,
+                   seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Sample ``denoiser`` (FP, the denoiser protocol) from ``x_init`` ``[N, C, H, W]`` over ``sigmas``
+    with ``sample_fn`` and return ``{"layers": {name: LayerInputs}, "seconds", "passes", "peak_stats_bytes",
+    "n_fit", "n_hold"}``.
+
+    ``module`` is the network inside ``denoiser`` whose layers are collected (``layers``: names, default
+    every float Linear/Conv2d). ``extra`` tensors with first dimension N are split per sample.
+    ``noise_sampler_factory(indices)`` gives ancestral samplers the noise of those samples.
+    ``progress(done, total)`` is called after each micro-batch of each pass.
+    """
+    n = 0 if x_init is None else int(x_init.shape[0])
+    if n == 0:
+        raise CalibrationError("the calibration set is empty: give at least two starting latents")
+    if holdout_every and n < 2:
+        raise CalibrationError(f"{n} calibration sample: the held-out check needs at least 2 "
+                               "(or holdout_every=0 to skip it)")
+    if holdout_every and holdout_every < 2:
+        raise CalibrationError("holdout_every must be 0 (no held-out set) or at least 2")
+    if not bool(torch.isfinite(x_init).all()):
+        raise CalibrationError("the calibration latents contain NaN/inf")
+    chosen = calibration_layers(module, layers)
+    if not chosen:
+        raise CalibrationError("no Linear/Conv2d layer to collect inputs for")
+    extra = dict(extra or {})
+    hold = [i for i in range(n) if holdout_every and i % holdout_every == holdout_every - 1]
+    fit = [i for i in range(n) if i not in set(hold)]
+    batches = [("fit", fit[i : i + batch_size]) for i in range(0, len(fit), batch_size)]
+    batches += [("hold", hold[i : i + batch_size]) for i in range(0, len(hold), batch_size)]
+    groups = layer_groups(chosen, max_bytes)
+    sizes = stats_bytes(chosen)
+    t0 = time.perf_counter()
+    result: dict[str, LayerInputs] = {}
+    total = len(groups) * len(batches)
+    done = 0
+    for group in groups:
+        acc = _Accumulator({g: chosen[g] for g in group}, max_rows, chunk_elems, seed)
+
+        def model(x, sigma, **ex):
+            s = float(sigma.reshape(-1)[0])
+            acc.sigma = s
+            acc.weight = 1.0 if step_weight is None else float(step_weight(s))
+            return denoiser(x, sigma, **ex)
+
+        with acc.hooked():
+            for split, idx in batches:
+                acc.split = split
+                sel = torch.tensor(idx)
+                ex = {k: (v[sel] if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == n else v)
+                      for k, v in extra.items()}
+                opts = {} if noise_sampler_factory is None else {"noise_sampler": noise_sampler_factory(idx)}
+                sample_fn(model, x_init[sel], sigmas, ex, None, True, **opts)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+        result.update(acc.finish())
+    return {"layers": result, "seconds": time.perf_counter() - t0, "passes": len(groups),
+            "peak_stats_bytes": max(sum(sizes[g] for g in group) for group in groups),
+            "n_fit": len(fit), "n_hold": len(hold)}

@@ -1,0 +1,183 @@
+"""Spending a byte budget where it removes the most error: int8 layers and low-rank branches.
+
+The budget is a ratio of the model's own fp16 bytes (every parameter and buffer at 2 bytes, integer
+tensors at their size). What the plan's quantized model takes is the base; the headroom
+``budget·fp16 − base`` is spent greedily on the items with the largest benefit per byte:
+
+* ``int8``: the layer at int8 per-channel (its error falls to about 1/16² of 4-bit's, taken as 0);
+* ``rank``: the next 4 ranks of the layer's activation-weighted low-rank branch (:mod:`.lowrank`),
+  whose benefit is the share of the weighted residual those singular values hold.
+
+The benefit of removing a share ``f`` of a layer's output error is ``f·sensitivity`` where the
+sensitivity is the layer's measured share of the end-to-end error (a probe that quantizes that
+layer alone, e.g. ``calibration.inputs.layer_sensitivity``), or, without a probe, the layer's
+relative output error ``err/‖W x‖²`` (every layer's output counted alike). A layer raised to int8
+gives back the ranks it had. Branches are kept only where they lower the held-out error.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+from torch import nn
+
+from .lowrank import branch_bytes, factors, weighted_svd
+from .gptq import output_error
+from .qtypes import qtype
+from .weights import blob_nbytes, dequantize_weight, input_size, quantize_weight
+
+RANK_STEP = 4
+
+
+def fp16_bytes(module: nn.Module) -> int:
+    """Bytes of the module with every floating tensor in fp16 (shared storages counted once)."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        key = (t.data_ptr(), t.numel())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * (2 if t.is_floating_point() else t.element_size())
+    return total
+
+
+def layer_bytes(weight_type: str, shape, bias: bool, channels: int, scale: bool, rank: int) -> int:
+    out, k = shape[0], input_size(shape)
+    return (blob_nbytes(qtype(weight_type), shape) + (2 * out if bias else 0) + (2 * channels if scale else 0)
+            + branch_bytes(out, k, rank))
+
+
+def _channels(m: nn.Module) -> int:
+    return m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups
+
+
+def allocate(module, plan, floats: dict, solutions: dict, inputs: dict, cfg, sensitivity=None) -> dict:
+    """Choose int8 layers and ranks under ``cfg.budget``; returns the allocation report."""
+    total_fp16 = fp16_bytes(module)
+    base = total_fp16
+    for name, sol in solutions.items():
+        m = floats[name]
+        base -= 2 * (m.weight.numel() + (0 if m.bias is None else m.bias.numel()))
+        base += layer_bytes(sol.weight_type, tuple(m.weight.shape), m.bias is not None, _channels(m),
+                            sol.input_scale is not None, 0)
+    budget = int(cfg.budget * total_fp16)
+    headroom = budget - base
+    report = {"fp16_bytes": total_fp16, "base_bytes": base, "budget_bytes": budget, "int8": [], "ranks": {},
+              "spent_bytes": 0, "weighting": "measured sensitivity" if sensitivity else "relative output error"}
+    if headroom <= 0:
+        report["note"] = (f"the plan's quantized model already takes {base / total_fp16:.4f}× fp16 ≥ the budget "
+                          f"{cfg.budget:.4f}×: nothing to spend")
+        return report
+    weights = {}
+    for name, sol in solutions.items():
+        if sol.err_hold <= 0:
+            continue
+        if sensitivity is not None:
+            weights[name] = float(sensitivity.get(name, 0.0)) / sol.err_hold
+        else:
+            weights[name] = 1.0 / max(sol.out_energy_hold, 1e-30)
+    heap = []  # (−benefit per byte, tiebreak, kind, name, payload)
+    for name, sol in solutions.items():
+        m, st = floats[name], inputs.get(name)
+        if name not in weights or st is None:
+            continue
+        shape, w8 = tuple(m.weight.shape), "int8"
+        if "int8" in cfg.budget_options and sol.weight_type != w8:
+            extra = (layer_bytes(w8, shape, False, 0, False, 0) - layer_bytes(sol.weight_type, shape, False, 0, False, 0)
+                     - (2 * _channels(m) if sol.input_scale is not None else 0))
+            heapq.heappush(heap, (-weights[name] * sol.err_hold / max(extra, 1), len(heap), "int8", name, extra))
+        if "rank" in cfg.budget_options and cfg.max_rank > 0:
+            resid = _flat(m.weight).double() - _effective(sol, shape)
+            sol.svd = weighted_svd(resid, st.h_fit, cfg.damp)
+            _push_rank(heap, name, sol, 0, cfg, weights, shape)
+    ranks: dict[str, int] = {}
+    int8: set[str] = set()
+    spent = 0
+    while heap:
+        neg, _, kind, name, payload = heapq.heappop(heap)
+        if neg >= 0 or name in int8:
+            continue
+        m = floats[name]
+        shape = tuple(m.weight.shape)
+        if kind == "int8":
+            refund = branch_bytes(shape[0], input_size(shape), ranks.get(name, 0))
+            if spent - refund + payload > headroom:
+                continue
+            spent += payload - refund
+            ranks.pop(name, None)
+            int8.add(name)
+        else:
+            r0, r1 = payload
+            cost = branch_bytes(shape[0], input_size(shape), r1 - r0)
+            if ranks.get(name, 0) != r0 or spent + cost > headroom:
+                continue
+            spent += cost
+            ranks[name] = r1
+            _push_rank(heap, name, solutions[name], r1, cfg, weights, shape)
+    report.update(int8=sorted(int8), ranks=dict(sorted(ranks.items())), spent_bytes=spent,
+                  ratio=round((base + spent) / total_fp16, 4))
+    return report
+
+
+def _push_rank(heap, name, sol, r0, cfg, weights, shape):
+    s = sol.svd[1]
+    r1 = min(r0 + RANK_STEP, cfg.max_rank, s.numel())
+    if r1 <= r0:
+        return
+    gain = float(s[r0:r1].pow(2).sum()) / max(float(s.pow(2).sum()), 1e-30) * sol.err_hold
+    cost = branch_bytes(shape[0], input_size(shape), r1 - r0)
+    heapq.heappush(heap, (-weights[name] * gain / cost, len(heap), "rank", name, (r0, r1)))
+
+
+def _flat(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().float().reshape(w.shape[0], -1)
+
+
+def _effective(sol, shape) -> torch.Tensor:
+    qt = qtype(sol.weight_type)
+    k = input_size(shape)
+    q = dequantize_weight(sol.storage, qt, (shape[0], k), torch.float32).double()
+    if sol.input_scale is not None:
+        q = q / sol.input_scale.double().repeat_interleave(k // sol.input_scale.numel())
+    return q
+
+
+def apply_allocation(floats: dict, solutions: dict, inputs: dict, allocation: dict, cfg) -> None:
+    """Put the allocation into the solutions: int8 storage (round-to-nearest or GPTQ, whichever has
+    the lower held-out error) and the low-rank factors, each branch kept only where it lowers the
+    held-out error (fp16-rounded factors)."""
+    from .gptq import gptq_quantize
+
+    for name in allocation.get("int8", []):
+        m, sol, st = floats[name], solutions[name], inputs[name]
+        w2 = _flat(m.weight)
+        qt = qtype("int8")
+        cands = {"rtn": quantize_weight(w2, qt, name)}
+        if cfg.rounding == "gptq":
+            cands["gptq_act_order"] = gptq_quantize(w2, st.h_fit, qt, cfg.damp, True, layer=name)
+        errs = {k: output_error(w2, dequantize_weight(v, qt, w2.shape, torch.float32), st.h_hold) for k, v in cands.items()}
+        best = min(errs, key=errs.get)
+        sol.weight_type, sol.storage, sol.input_scale = "int8", cands[best], None
+        sol.calib.update(budget="int8", rounding=best, held_out_error_vs_rtn=round(errs[best] / sol.err_rtn_hold, 4)
+                         if sol.err_rtn_hold > 0 else 1.0)
+        sol.calib.pop("awq_alpha", None)
+        sol.err_hold = errs[best]
+    for name, rank in allocation.get("ranks", {}).items():
+        m, sol, st = floats[name], solutions[name], inputs[name]
+        shape = tuple(m.weight.shape)
+        u, s, vh, low = sol.svd
+        a, b = factors(u, s, vh, low, rank)
+        a, b = a.half().float(), b.half().float()
+        w2 = _flat(m.weight).double()
+        eff = _effective(sol, shape) + (a.double() @ b.double())
+        err = output_error(w2, eff, st.h_hold)
+        if err < sol.err_hold:
+            sol.lowrank = (a, b)
+            sol.calib.update(rank=rank, held_out_error_vs_rtn=round(err / sol.err_rtn_hold, 4)
+                             if sol.err_rtn_hold > 0 else 1.0)
+            sol.err_hold = err
+        else:
+            sol.calib["rank_note"] = f"rank {rank} did not lower the held-out error → no branch"
+    for sol in solutions.values():
+        sol.svd = None

@@ -1,0 +1,257 @@
+"""Calibrated quantization: per-layer rounding, scales, low-rank branches and precision from
+calibration statistics, into the pack's storage (the plan records every per-layer choice).
+
+:func:`quantize_calibrated` is :func:`~.plan.quantize_model` with :class:`~.layerinputs.LayerInputs`
+per layer. For every layer the plan quantizes it
+
+1. checks the statistics (a layer without usable statistics is rounded to nearest, with a note);
+2. **activation outliers**: if the largest per-channel ``|x|`` is ``outlier_ratio``× the median
+   channel's or more and the preset quantizes activations, the layer's activations stay 16-bit
+   (a per-tensor 8- or 4-bit grid spanning such an outlier rounds every other channel to a few
+   levels); reported per layer;
+3. **AWQ-style scales** (``awq=True``, :mod:`.awq`): searched on the fit statistics, kept only if
+   they lower the held-out error;
+4. **rounding**: round-to-nearest and GPTQ (:mod:`.gptq`; activation order with static groups,
+   natural order with on-the-fly groups, or both) are scored on the *held-out* statistics and the
+   lowest output error wins: the per-layer fallback to round-to-nearest where GPTQ does not help;
+5. **budget** (``budget``, a ratio of the model's fp16 bytes, :mod:`.budget`): extra bytes go where
+   they remove the most error — int8 for the most sensitive layers and/or a low-rank branch
+   (:mod:`.lowrank`, rank chosen per layer) — weighted by each layer's measured sensitivity when
+   given, else by its relative output error.
+
+Nothing in the model changes until every layer's solution is computed (a failure leaves it as it
+was). Every choice goes into the layer's ``calib`` entry of the plan (saved by ``save_quantized``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .awq import expand, scaled_error, search_scales
+from .errors import QuantizationError
+from .gptq import DEFAULT_DAMP, gptq_quantize, output_error
+from .layerinputs import LayerInputs
+from .modules import QuantConv2d, QuantLinear
+from .plan import QuantPlan, _as_plan, _set_submodule, quantize_model, quantized_layers, resolve_plan
+from .qtypes import qtype
+from .weights import dequantize_weight, quantize_weight
+
+ROUNDINGS = ("rtn", "gptq")
+ACT_ORDERS = ("on", "off", "both")
+CALIB_ATTR = "qcorrect_calibration"
+
+
+@dataclass(frozen=True)
+class CalibratedConfig:
+    """What a calibrated quantizer does (each lever can be switched alone, for ablations)."""
+
+    rounding: str = "gptq"
+    act_order: str = "both"
+    damp: float = DEFAULT_DAMP
+    fallback: bool = True
+    awq: bool = False
+    budget: float | None = None
+    budget_options: tuple[str, ...] = ("int8", "rank")
+    max_rank: int = 32
+    outlier_ratio: float | None = 1000.0
+    min_rows: int = 16
+
+    def validate(self) -> "CalibratedConfig":
+        if self.rounding not in ROUNDINGS:
+            raise QuantizationError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.act_order not in ACT_ORDERS:
+            raise QuantizationError(f"act_order must be one of {ACT_ORDERS}, got {self.act_order!r}")
+        if not self.damp > 0:
+            raise QuantizationError(f"damping must be positive, got {self.damp!r}")
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise QuantizationError(f"the byte budget is a ratio of the fp16 bytes in (0, 1], got {self.budget!r}")
+        unknown = set(self.budget_options) - {"int8", "rank"}
+        if unknown:
+            raise QuantizationError(f"unknown budget option(s) {sorted(unknown)}; known: int8, rank")
+        return self
+
+
+@dataclass
+class LayerSolution:
+    """One layer's quantized weight and the choices that made it."""
+
+    weight_type: str
+    storage: dict
+    input_scale: torch.Tensor | None = None
+    lowrank: tuple | None = None
+    act_16bit: bool = False
+    calib: dict = field(default_factory=dict)
+    # for the budget: held-out output errors and the weighted SVD of the residual
+    err_hold: float = 0.0
+    err_rtn_hold: float = 0.0
+    out_energy_hold: float = 0.0
+    svd: tuple | None = None
+
+
+def _flat(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().float().reshape(w.shape[0], -1)
+
+
+def _dequant(storage, qt, shape):
+    return dequantize_weight(storage, qt, shape, torch.float32)
+
+
+def _effective_weight(sol: LayerSolution, shape) -> torch.Tensor:
+    """The float weight a solution computes with (input scales undone), in the layer's shape."""
+    from .budget import _effective
+
+    return _effective(sol, tuple(shape)).float().reshape(shape)
+
+
+def outlier_ratio(stats: LayerInputs) -> float:
+    """Largest per-channel ``|x|`` over the median channel's (1 for a layer without inputs)."""
+    med = float(stats.absmax.median())
+    top = float(stats.absmax.max())
+    return top / med if med > 0 else (float("inf") if top > 0 else 1.0)
+
+
+def solve_layer(name: str, w: torch.Tensor, stats: LayerInputs | None, weight_type: str, act: str | None,
+                cfg: CalibratedConfig) -> LayerSolution:
+    """Rounding (and scales) for one layer; see the module docstring for the order of the steps."""
+    qt = qtype(weight_type)
+    w2 = _flat(w)
+    rtn_storage = quantize_weight(w2, qt, name)
+    if stats is None or stats.rows_fit < cfg.min_rows or stats.rows_hold == 0:
+        why = ("no calibration statistics" if stats is None else
+               f"{stats.rows_fit} fit rows < {cfg.min_rows}" if stats.rows_fit < cfg.min_rows else "no held-out rows")
+        return LayerSolution(weight_type, rtn_storage, calib={"rounding": "rtn", "note": f"{why} → round-to-nearest"})
+    stats.check(name)
+    if stats.k != w2.shape[1]:
+        raise QuantizationError(f"layer {name!r}: statistics for K={stats.k}, the weight has K={w2.shape[1]}")
+    calib: dict = {}
+    act_qt = None if act is None else qtype(act)
+    ratio = outlier_ratio(stats)
+    act_16bit = False
+    if cfg.outlier_ratio is not None and act_qt is not None and ratio >= cfg.outlier_ratio:
+        act_16bit, act_qt = True, None
+        calib["outliers"] = f"channel |x| max/median {ratio:.3g}× ≥ {cfg.outlier_ratio:g}× → activations kept 16-bit"
+    h_fit, h_hold = stats.h_fit.double(), stats.h_hold.double()
+    err_rtn = output_error(w2, _dequant(rtn_storage, qt, w2.shape), h_hold)
+    scale = None
+    if cfg.awq:
+        s, alpha, _ = search_scales(w2, stats, qt, act_qt)
+        ones = torch.ones_like(s)
+        if alpha > 0 and scaled_error(w2, stats, qt, act_qt, s, "hold") < scaled_error(w2, stats, qt, act_qt, ones, "hold"):
+            scale = s
+            calib["awq_alpha"] = alpha
+        else:
+            calib["awq_alpha"] = 0.0
+    sk = None if scale is None else expand(scale, w2.shape[1]).double()
+    ws = w2 if sk is None else (w2.double() * sk).float()
+    hs_fit = h_fit if sk is None else h_fit / sk[:, None] / sk[None, :]
+
+    def effective(storage):
+        q = _dequant(storage, qt, w2.shape).double()
+        return q if sk is None else q / sk
+
+    candidates = {"rtn": quantize_weight(ws, qt, name) if sk is not None else rtn_storage}
+    if cfg.rounding == "gptq":
+        orders = {"on": [True], "off": [False], "both": [True, False]}[cfg.act_order]
+        for ao in orders:
+            try:
+                candidates["gptq_act_order" if ao else "gptq"] = gptq_quantize(ws, hs_fit, qt, cfg.damp, ao, layer=name)
+            except QuantizationError as exc:
+                calib["gptq_error"] = str(exc)
+    errs = {k: output_error(w2, effective(st), h_hold) for k, st in candidates.items()}
+    if cfg.fallback or cfg.rounding == "rtn":
+        chosen = min(errs, key=errs.get)
+    else:
+        chosen = next((k for k in ("gptq_act_order", "gptq") if k in errs), "rtn")
+    calib["rounding"] = chosen
+    calib["held_out_error_vs_rtn"] = round(errs[chosen] / err_rtn, 4) if err_rtn > 0 else 1.0
+    if chosen == "rtn" and cfg.rounding == "gptq" and len(errs) > 1:
+        best_g = min(v for k, v in errs.items() if k != "rtn")
+        calib["note"] = f"GPTQ {best_g / err_rtn:.3f}× round-to-nearest's held-out error → round-to-nearest"
+    out_energy = float(((w2.double() @ h_hold) * w2.double()).sum())
+    return LayerSolution(weight_type, candidates[chosen], input_scale=scale, act_16bit=act_16bit, calib=calib,
+                         err_hold=errs[chosen], err_rtn_hold=err_rtn, out_energy_hold=out_energy)
+
+
+def quantize_calibrated(module: nn.Module, plan: QuantPlan | str | None, inputs: dict[str, LayerInputs],
+                        config: CalibratedConfig | None = None, sensitivity: dict[str, float] | None = None,
+                        progress=None) -> dict:
+    """Quantize ``module`` in place like :func:`quantize_model`, with every quantized layer's weight
+    chosen from ``inputs`` (per layer name; a layer without statistics is rounded to nearest).
+    ``sensitivity`` (per layer, e.g. its measured share of the end-to-end error) weights the budget.
+    Returns a report: per-layer choices, counts and seconds."""
+    from .budget import allocate, apply_allocation
+
+    cfg = (config or CalibratedConfig()).validate()
+    plan = _as_plan(plan)
+    t0 = time.perf_counter()
+    decisions = resolve_plan(module, plan)
+    todo = {n: d for n, d in decisions.items() if d["weight"]}
+    solutions: dict[str, LayerSolution] = {}
+    floats = {n: module.get_submodule(n) for n in todo}
+    for i, (name, d) in enumerate(todo.items()):
+        solutions[name] = solve_layer(name, floats[name].weight, inputs.get(name), d["weight"], d["act"], cfg)
+        if progress is not None:
+            progress(i + 1, len(todo))
+    allocation = None
+    if cfg.budget is not None and callable(sensitivity):  # a probe: measure each layer's share now
+        sensitivity = {n: float(sensitivity(n, _effective_weight(sol, floats[n].weight.shape)))
+                       for n, sol in solutions.items()}
+    if cfg.budget is not None:
+        allocation = allocate(module, plan, floats, solutions, inputs, cfg, sensitivity)
+        apply_allocation(floats, solutions, inputs, allocation, cfg)
+    quantize_model(module, plan)
+    layers = quantized_layers(module)
+    for name, sol in solutions.items():
+        layer = layers[name]
+        if sol.weight_type != layer.wqtype.name:
+            cls = QuantLinear if isinstance(layer, QuantLinear) else QuantConv2d
+            new = cls.from_float(floats[name], sol.weight_type, layer.act, name)
+            new.fallback = layer.fallback
+            _set_submodule(module, name, new)
+            layer = new
+        layer.set_storage(sol.storage)
+        layer.set_input_scale(sol.input_scale)
+        if sol.lowrank is not None:
+            layer.set_lowrank(*sol.lowrank)
+        if sol.act_16bit:
+            layer.act.qtype, layer.act.mode = None, "none"
+        layer.calib = sol.calib
+    report = {
+        "config": asdict(cfg),
+        "layers": {n: s.calib for n, s in solutions.items()},
+        "seconds": round(time.perf_counter() - t0, 2),
+        "allocation": allocation,
+    }
+    module.__dict__[CALIB_ATTR] = {k: v for k, v in report.items() if k != "layers"}
+    report["summary"] = calibrated_summary(module)
+    return report
+
+
+def calibrated_summary(module: nn.Module) -> str:
+    """One line: how many layers got which rounding, scales, branches, int8 and 16-bit activations."""
+    layers = quantized_layers(module)
+    calib = [m.calib or {} for m in layers.values()]
+    n = len(layers)
+    gptq = sum(1 for c in calib if str(c.get("rounding", "")).startswith("gptq"))
+    fell = sum(1 for c in calib if c.get("rounding") == "rtn" and "note" in c)
+    ratios = sorted(c["held_out_error_vs_rtn"] for c in calib if "held_out_error_vs_rtn" in c)
+    parts = [f"{n} layers: {gptq} GPTQ, {n - gptq} round-to-nearest ({fell} by the held-out check)"]
+    if ratios:
+        parts.append(f"median held-out output error {ratios[len(ratios) // 2]:.2f}× round-to-nearest's")
+    awq = sum(1 for m in layers.values() if m.has_input_scale)
+    if awq:
+        parts.append(f"{awq} with input scales")
+    ranked = [m.rank for m in layers.values() if m.rank]
+    if ranked:
+        parts.append(f"{len(ranked)} with a low-rank branch (rank {min(ranked)}–{max(ranked)})")
+    int8 = sum(1 for c in calib if c.get("budget") == "int8")
+    if int8:
+        parts.append(f"{int8} raised to int8 by the budget")
+    out = sum(1 for c in calib if "outliers" in c)
+    if out:
+        parts.append(f"{out} with 16-bit activations (outliers)")
+    return ", ".join(parts)

@@ -1,0 +1,117 @@
+"""Per-layer input statistics streamed from full-precision sampling (issue 11)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcorrect.calibration import CalibrationError
+from qcorrect.calibration.inputs import collect_inputs, early_weight, layer_groups, stats_bytes
+from qcorrect.reference.samplers import sample_euler
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.lin = nn.Linear(4, 2)
+        self.seen = []
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))  # [B, 4, H, W]
+        return self.lin(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class Denoiser:
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, x, sigma, **extra):
+        return x - sigma.reshape(-1, 1, 1, 1) * self.net(x)
+
+
+SIGMAS = torch.tensor([5.0, 2.0, 0.5, 0.0])
+
+
+def start(n=6, seed=1):
+    return 5.0 * torch.randn(n, 2, 3, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def manual(net, x0, weight=lambda s: 1.0, hold_every=4):
+    """Σ w·x xᵀ by hand: the same euler trajectories, per split."""
+    sums = {k: {"conv": torch.zeros(18, 18), "lin": torch.zeros(4, 4)} for k in ("fit", "hold")}
+    for i in range(x0.shape[0]):
+        split = "hold" if i % hold_every == hold_every - 1 else "fit"
+        x = x0[i : i + 1]
+        for n in range(len(SIGMAS) - 1):
+            s = SIGMAS[n]
+            rows = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18)
+            h = torch.tanh(net.conv(x)).permute(0, 2, 3, 1).reshape(-1, 4)
+            sums[split]["conv"] += weight(float(s)) * rows.T @ rows
+            sums[split]["lin"] += weight(float(s)) * h.T @ h
+            d = net(x)
+            x = x + (SIGMAS[n + 1] - s) * d
+    return sums
+
+
+@torch.no_grad()
+def test_second_moments_match_a_manual_sum_per_split_and_the_hooks_are_removed():
+    net = Net()
+    x0 = start()
+    res = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, batch_size=2)
+    want = manual(net, x0)
+    st = res["layers"]
+    assert torch.allclose(st["conv"].h_fit, want["fit"]["conv"], rtol=1e-4, atol=1e-3)
+    assert torch.allclose(st["conv"].h_hold, want["hold"]["conv"], rtol=1e-4, atol=1e-3)
+    assert torch.allclose(st["lin"].h_fit, want["fit"]["lin"], rtol=1e-4, atol=1e-3)
+    assert (res["n_fit"], res["n_hold"]) == (5, 1)
+    assert st["conv"].rows_fit == 5 * 3 * 9 and st["conv"].rows_hold == 1 * 3 * 9
+    assert st["lin"].absmax.shape == (4,) and st["conv"].absmax.shape == (2,)
+    assert not net.conv._forward_pre_hooks and not net.lin._forward_pre_hooks
+
+
+@torch.no_grad()
+def test_step_weight_multiplies_the_rows_of_early_calls():
+    net = Net()
+    x0 = start()
+    w = early_weight(4.0, sigma_min=3.0)
+    res = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, step_weight=w)
+    want = manual(net, x0, weight=w)
+    assert torch.allclose(res["layers"]["lin"].h_fit, want["fit"]["lin"], rtol=1e-4, atol=1e-3)
+    assert res["layers"]["lin"].wsum_fit == pytest.approx(5 * 9 * (4 + 1 + 1))
+
+
+@torch.no_grad()
+def test_a_memory_bound_splits_the_layers_into_passes_with_the_same_result():
+    net = Net()
+    x0 = start()
+    one = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS)
+    sizes = stats_bytes({"conv": net.conv, "lin": net.lin})
+    bounded = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, max_bytes=sizes["conv"])
+    assert bounded["passes"] == 2 and one["passes"] == 1
+    assert bounded["peak_stats_bytes"] == sizes["conv"] < one["peak_stats_bytes"]
+    for n in ("conv", "lin"):
+        assert torch.equal(bounded["layers"][n].h_fit, one["layers"][n].h_fit)
+    assert layer_groups({"conv": net.conv, "lin": net.lin}, 1) == [["conv"], ["lin"]]
+
+
+def test_an_empty_or_too_small_calibration_set_is_refused():
+    net = Net()
+    with pytest.raises(CalibrationError, match="empty"):
+        collect_inputs(Denoiser(net), net, sample_euler, start(0), SIGMAS)
+    with pytest.raises(CalibrationError, match="at least 2"):
+        collect_inputs(Denoiser(net), net, sample_euler, start(1), SIGMAS)
+    one = collect_inputs(Denoiser(net), net, sample_euler, start(1), SIGMAS, holdout_every=0)
+    assert one["n_hold"] == 0 and one["layers"]["lin"].rows_hold == 0
+
+
+def test_nan_activations_are_a_clear_error_and_leave_no_hook():
+    net = Net()
+    with torch.no_grad():
+        net.conv.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match="'lin'.*NaN/inf"):
+        collect_inputs(Denoiser(net), net, sample_euler, start(), SIGMAS)
+    assert not net.conv._forward_pre_hooks and not net.lin._forward_pre_hooks
+    with pytest.raises(CalibrationError, match="latents contain NaN"):
+        collect_inputs(Denoiser(Net()), Net(), sample_euler, start().fill_(float("inf")), SIGMAS)

@@ -1,0 +1,215 @@
+"""quantize_calibrated: per-layer rounding, fallback, scales, outliers and budget from statistics (issue 11)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcorrect.bench.common import resident_bytes
+from qcorrect.quant import QuantizationError, load_quantized, quantization_plan, quantize_model, quantized_layers, save_quantized
+from qcorrect.quant.budget import fp16_bytes
+from qcorrect.quant.calibrated import CalibratedConfig, calibrated_summary, quantize_calibrated
+from qcorrect.quant.layerinputs import LayerInputs
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv_in = nn.Conv2d(4, 64, 3, padding=1)
+        self.mid = nn.Conv2d(64, 64, 3, padding=1)
+        self.a = nn.Linear(64, 128)
+        self.b = nn.Linear(128, 64)
+        self.conv_out = nn.Conv2d(64, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.mid(self.conv_in(x))
+        t = self.b(torch.tanh(self.a(h.flatten(2).transpose(1, 2))))
+        return self.conv_out(h + t.transpose(1, 2).reshape(h.shape))
+
+
+def mixing(k, seed):
+    return torch.randn(k, k, generator=torch.Generator().manual_seed(seed)) / k**0.5
+
+
+@torch.no_grad()
+def batches(n, seed):
+    """Correlated inputs to the whole net (so every layer's inputs are anisotropic)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 4, 6, 6, generator=g).cumsum(1)
+    return z + 0.3 * torch.randn(n, 4, 6, 6, generator=g)
+
+
+@torch.no_grad()
+def stats_of(net, fit, hold, spike=None):
+    """LayerInputs from explicit inputs (hooks on the float net)."""
+    rows = {}
+
+    def grab(name, m):
+        def hook(mod, args):
+            x = args[0]
+            if isinstance(mod, nn.Conv2d):
+                r = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride).transpose(1, 2).reshape(-1, mod.weight[0].numel())
+            else:
+                r = x.reshape(-1, x.shape[-1])
+            rows.setdefault(name, []).append(r)
+        return hook
+
+    out = {}
+    handles = [m.register_forward_pre_hook(grab(n, m)) for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for x in (fit, hold):
+        rows.clear()
+        net(x)
+        for n, r in rows.items():
+            out.setdefault(n, []).append(torch.cat(r))
+    for h in handles:
+        h.remove()
+    res = {}
+    for n, (f, h) in out.items():
+        m = net.get_submodule(n)
+        c = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+        if spike is not None and n == spike:
+            f, h = f.clone(), h.clone()
+            f[0, 0] = h[0, 0] = 1e5
+        res[n] = LayerInputs.from_rows(f, h, channels=c, kind="linear" if isinstance(m, nn.Linear) else "conv2d")
+    return res
+
+
+def output_mse(model, ref, x):
+    return float((model(x) - ref(x)).pow(2).mean())
+
+
+@pytest.fixture(scope="module")
+def setting():
+    net = Net().eval()
+    fit, hold, test = batches(48, 1), batches(24, 2), batches(24, 3)
+    return net, stats_of(net, fit, hold), test
+
+
+@pytest.mark.parametrize("preset", ["W4A16", "W4A8", "W8A8"])
+def test_gptq_lowers_the_output_error_of_round_to_nearest_with_the_same_bytes(setting, preset):
+    net, stats, test = setting
+    rtn = quantize_model(Net(), preset)
+    cal = Net()
+    rep = quantize_calibrated(cal, preset, stats)
+    with torch.no_grad():
+        assert output_mse(cal, net, test) < output_mse(rtn, net, test)
+    assert resident_bytes(cal) == resident_bytes(rtn)
+    for name, layer in quantized_layers(cal).items():
+        assert layer.weight.shape == quantized_layers(rtn)[name].weight.shape
+        assert layer.calib["rounding"] in ("rtn", "gptq", "gptq_act_order")
+    assert any(c["rounding"].startswith("gptq") for c in rep["layers"].values())
+    assert "GPTQ" in rep["summary"] and calibrated_summary(cal) == rep["summary"]
+
+
+def test_the_choices_are_saved_and_load_with_load_quantized(setting, tmp_path):
+    net, stats, test = setting
+    cal = Net()
+    quantize_calibrated(cal, "W4A8", stats, CalibratedConfig(awq=True))
+    save_quantized(cal, str(tmp_path / "c.safetensors"))
+    back = load_quantized(Net(), str(tmp_path / "c.safetensors"))
+    assert quantization_plan(back)["layers"] == quantization_plan(cal)["layers"]
+    with torch.no_grad():
+        assert torch.equal(back(test), cal(test))
+
+
+def test_the_held_out_check_falls_back_to_round_to_nearest(setting):
+    net, stats, _ = setting
+    # statistics whose fit half says nothing about the held-out half: GPTQ optimises the wrong thing
+    bad = {n: LayerInputs(**{**s.__dict__, "h_fit": torch.diag(torch.rand(s.k) * 1e-3) + s.h_fit.flip(0).flip(1)})
+           for n, s in stats.items()}
+    rep = quantize_calibrated(Net(), "W4A16", bad)
+    rtn_layers = [n for n, c in rep["layers"].items() if c["rounding"] == "rtn"]
+    assert rtn_layers and all("held-out" in rep["layers"][n]["note"] for n in rtn_layers)
+    assert all(c["held_out_error_vs_rtn"] <= 1.0 for c in rep["layers"].values())
+
+
+def test_without_statistics_or_with_too_few_rows_a_layer_is_rounded_to_nearest(setting):
+    net, stats, _ = setting
+    some = {k: v for k, v in stats.items() if k != "mid"}
+    few = LayerInputs.from_rows(torch.randn(3, 576), torch.randn(2, 576), channels=64, kind="conv2d")
+    rep = quantize_calibrated(Net(), "W4A16", {**some, "mid": few} if False else some)
+    assert rep["layers"]["mid"] == {"rounding": "rtn", "note": "no calibration statistics → round-to-nearest"}
+    rep = quantize_calibrated(Net(), "W4A16", {**some, "mid": few})
+    assert rep["layers"]["mid"]["note"] == "3 fit rows < 16 → round-to-nearest"
+    rtn = quantize_model(Net(), "W4A16")
+    cal = Net()
+    quantize_calibrated(cal, "W4A16", some)
+    assert torch.equal(quantized_layers(cal)["mid"].weight, quantized_layers(rtn)["mid"].weight)
+
+
+def test_non_finite_statistics_are_refused_and_leave_the_model_alone(setting):
+    net, stats, _ = setting
+    bad = dict(stats)
+    broken = LayerInputs(**{**stats["b"].__dict__})
+    broken.h_hold = broken.h_hold.clone()
+    broken.h_hold[0, 1] = float("nan")
+    bad["b"] = broken
+    m = Net()
+    with pytest.raises(QuantizationError, match="'b'.*NaN or inf"):
+        quantize_calibrated(m, "W4A16", bad)
+    assert not quantized_layers(m)
+
+
+def test_activation_outliers_keep_that_layer_16_bit(setting):
+    net, _, _ = setting
+    stats = stats_of(net, batches(48, 1), batches(24, 2), spike="b")
+    cal = Net()
+    rep = quantize_calibrated(cal, "W4A8", stats)
+    assert "activations kept 16-bit" in rep["layers"]["b"]["outliers"]
+    layers = quantized_layers(cal)
+    assert layers["b"].act.qtype is None and layers["a"].act.qtype is not None
+    assert "1 with 16-bit activations (outliers)" in rep["summary"]
+    rep16 = quantize_calibrated(Net(), "W4A16", stats)  # nothing to protect without activation quantization
+    assert "outliers" not in rep16["layers"]["b"]
+
+
+def test_awq_scales_are_powers_of_two_and_never_worse_on_held_out(setting):
+    net, stats, test = setting
+    cal = Net()
+    rep = quantize_calibrated(cal, "W4A16", stats, CalibratedConfig(rounding="rtn", awq=True))
+    scaled = {n: m for n, m in quantized_layers(cal).items() if m.has_input_scale}
+    for n, m in scaled.items():
+        s = m.input_scale.float()
+        assert torch.equal(torch.exp2(torch.round(torch.log2(s))), s)
+        assert rep["layers"][n]["awq_alpha"] > 0
+    assert all(c["held_out_error_vs_rtn"] <= 1.0 for c in rep["layers"].values())
+
+
+@pytest.mark.parametrize("options", [("int8",), ("rank",), ("int8", "rank")])
+def test_a_budget_is_spent_within_the_bytes_and_lowers_the_error(setting, options):
+    net, stats, test = setting
+    plain = Net()
+    quantize_calibrated(plain, "W4A16", stats)
+    base = resident_bytes(copy.deepcopy(plain).half())
+    fp16 = fp16_bytes(Net())
+    assert fp16 == resident_bytes(Net().half())
+    budget = (base + 0.05 * fp16) / fp16
+    cal = Net()
+    rep = quantize_calibrated(cal, "W4A16", stats, CalibratedConfig(budget=budget, budget_options=options))
+    alloc = rep["allocation"]
+    got = resident_bytes(copy.deepcopy(cal).half())
+    assert base < got <= budget * fp16
+    assert got == alloc["base_bytes"] + alloc["spent_bytes"]
+    assert alloc["int8"] or alloc["ranks"]
+    if "int8" not in options:
+        assert not alloc["int8"]
+    if "rank" not in options:
+        assert not alloc["ranks"]
+    with torch.no_grad():
+        assert output_mse(cal, net, test) < output_mse(plain, net, test)
+
+
+def test_a_budget_below_the_base_spends_nothing_and_says_so(setting):
+    net, stats, _ = setting
+    rep = quantize_calibrated(Net(), "W4A16", stats, CalibratedConfig(budget=0.01))
+    assert rep["allocation"]["spent_bytes"] == 0 and "nothing to spend" in rep["allocation"]["note"]
+
+
+def test_bad_configs_are_refused():
+    for bad in (dict(rounding="adaround"), dict(act_order="maybe"), dict(damp=0.0), dict(budget=1.5),
+                dict(budget_options=("int2",))):
+        with pytest.raises(QuantizationError):
+            CalibratedConfig(**bad).validate()
