@@ -4,7 +4,7 @@
 to this repository, so ComfyUI's own custom-node loader imports the pack; ``models/`` holds links
 to test models; ``output/``, ``input/``, ``temp/`` and ``user/`` are fresh), starts ComfyUI's
 ``main.py`` on 127.0.0.1 and a free port in CPU mode with ``OMP_NUM_THREADS=1``, waits until it
-answers, writes its log next to the base directory, and stops it (terminate, then kill) when done.
+answers, writes its log next to the base directory, and stops it (Ctrl-C, then kill) when done.
 Every wait is bounded. Nothing but loopback traffic: the API nodes are off and the database is in
 memory (nothing is written into the ComfyUI checkout).
 
@@ -30,7 +30,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-
 
 REPO = Path(__file__).resolve().parents[2]
 PACK_NAME = "qcorrect"

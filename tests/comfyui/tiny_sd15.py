@@ -6,7 +6,7 @@ on a file with the right *shape* and random weights, built from ComfyUI's own cl
 - the UNet is ComfyUI's ``UNetModel`` with what ``comfy/model_detection.py`` and the ``SD15`` entry
   of ``comfy/supported_models.py`` read as SD1.5 (``model_channels`` 320 and ``context_dim`` 768
   are fixed by detection; depth and levels are read from the keys, so one level with one res block
-  and one transformer gives a ~23M-parameter UNet);
+  and one transformer gives a 26M-parameter UNet);
 - the text encoder is SD1's CLIP-L (``comfy.sd1_clip.SD1ClipModel``, the full 123M parameters:
   the tokenizer and the transformer's config are fixed), stored in fp16;
 - the VAE is a TAESD (``comfy.taesd.taesd.TAESD``, 2.4M parameters), which the stock VAE loader
@@ -115,6 +115,11 @@ def vae_state_dict(seed: int = 2):
     return {"first_stage_model." + k: v for k, v in state.items()}
 
 
+def paths_in(out_dir) -> dict:
+    out_dir = Path(out_dir)
+    return {"checkpoint": out_dir / "checkpoints" / CHECKPOINT, "unet": out_dir / "diffusion_models" / UNET}
+
+
 def build(out_dir, seed: int = 0) -> dict:
     """Write ``checkpoints/<CHECKPOINT>`` (UNet + CLIP + VAE) and ``diffusion_models/<UNET>`` (the
     same UNet alone, for UNETLoader) under ``out_dir``; returns their paths. Skips existing files."""
@@ -133,11 +138,6 @@ def build(out_dir, seed: int = 0) -> dict:
     sd.update(vae_state_dict(seed + 2))
     save_file(sd, str(paths["checkpoint"]), metadata=meta)
     return paths
-
-
-def paths_in(out_dir) -> dict:
-    out_dir = Path(out_dir)
-    return {"checkpoint": out_dir / "checkpoints" / CHECKPOINT, "unet": out_dir / "diffusion_models" / UNET}
 
 
 def build_in_subprocess(out_dir, python: str | None = None, timeout: float = 600) -> dict:
