@@ -12,6 +12,8 @@ PSNR, SSIM, class accuracy (the stand-in for CLIP score) and the average activat
 * ``relax_x0`` / ``relax_xT`` — progressive, with ``--relax`` of the steps nearest x0 / x_T at
   ``--bits`` (calibrated with the relaxing active).
 
+``--estimator E1,E2,…`` calibrates each static configuration with every listed range estimator
+(``auto``: chosen per layer and σ on the layer's output error) and compares each with the first.
 ``--methods M,…`` adds the engine's corrections (``bench/correct.py``, calibrated on the same
 calibration seeds after the ranges, §8.2) on top of the FP-trajectory ranges and of PCR
 (progressive + relaxed near x0), for the "PCR alone / corrections alone / both" table.
@@ -41,6 +43,7 @@ from ..calibration.ranges import calibrate_activation_ranges, check_coverage
 from ..evaluation import class_correct, paired_bootstrap_ci
 from ..evaluation.fid import feature_stats, gaussian_frechet_distance
 from ..quant import quantized_layers, set_activation_schedule
+from ..quant.observers import METHODS
 from ..quant.relax import relaxed_schedule
 from ..reference.model import load_reference
 from ..reference.samplers import SAMPLERS
@@ -141,6 +144,15 @@ def calibrate_ranges(ref, qden, trajectory: str, rc: RunConfig, seeds, classes, 
     return {**report.info(), "seconds": round(report.seconds, 1)}
 
 
+def choice_totals(choices: dict) -> dict:
+    """auto's choices summed over layers and σ's: ``{candidate: count}``."""
+    out: dict[str, int] = {}
+    for per_layer in choices.values():
+        for c, n in per_layer.items():
+            out[c] = out.get(c, 0) + n
+    return dict(sorted(out.items()))
+
+
 def build(ref, name: str, preset: str, weights, rc_cal: RunConfig, calib_seeds, calib_classes, estimator, relax,
           bits, log):
     """The quantized denoiser of one configuration, calibrated; returns (denoiser, info)."""
@@ -158,6 +170,8 @@ def build(ref, name: str, preset: str, weights, rc_cal: RunConfig, calib_seeds, 
         info.update(avg_bits=avg, relaxed_steps=k, schedule=[list(e) for e in schedule])
     trajectory = "fp" if name == "fp" else "progressive"
     info["calibration"] = calibrate_ranges(ref, qden, trajectory, rc_cal, calib_seeds, calib_classes, estimator)
+    if info["calibration"]["choices"]:
+        info["choice_totals"] = choice_totals(info["calibration"]["choices"])
     log(f"# {preset} {name}: {trajectory}-trajectory ranges ({estimator}) for {info['calibration']['layers']} layers, "
         f"{info['calibration']['seconds']} s")
     return qden, info
@@ -173,6 +187,10 @@ def run(presets, seeds, classes, calib_seeds, calib_classes, *, sampler="euler",
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
     configs = [c for c in CONFIGS if c in configs]
+    estimators = [estimator] if isinstance(estimator, str) else list(estimator)
+    bad = [e for e in estimators if e not in METHODS]
+    if bad or not estimators:
+        raise SystemExit(f"unknown range estimator(s) {bad}; known: {', '.join(METHODS)}")
     if methods and not {"fp", PCR} <= set(configs):
         raise SystemExit(f"--methods needs the 'fp' and '{PCR}' configurations (corrections on top of each)")
     ref = load_reference()
@@ -192,18 +210,21 @@ def run(presets, seeds, classes, calib_seeds, calib_classes, *, sampler="euler",
     for preset in presets:
         evals, dens = {}, {}
         for name in configs:
-            qden, info = build(ref, name, preset, weights, rc_cal, calib_seeds, calib_classes, estimator, relax,
-                               bits, log)
-            warning = check_coverage(qden.quantized, eval_sigmas) if name != "dynamic" else None
-            if warning:
-                log(f"# {preset} {name}: {warning}")
-            t1 = time.perf_counter()
-            lat = sample_latents(qden, rc, seeds, labels, grid)
-            evals[name] = _evaluate(ref, lat, lat_fp, img_fp, feat_fp, labels)
-            dens[name] = qden
-            rows.append({"preset": preset, "config": name, "method": "none", **info, **evals[name]["summary"],
-                         "coverage_warning": warning, "seconds": round(time.perf_counter() - t1, 1)})
-            log(f"# {preset} {name}: sampled in {rows[-1]['seconds']} s")
+            for est in (estimators[:1] if name == "dynamic" else estimators):
+                key = name if est == estimators[0] else f"{name}@{est}"
+                qden, info = build(ref, name, preset, weights, rc_cal, calib_seeds, calib_classes, est, relax,
+                                   bits, log)
+                warning = check_coverage(qden.quantized, eval_sigmas) if name != "dynamic" else None
+                if warning:
+                    log(f"# {preset} {key}: {warning}")
+                t1 = time.perf_counter()
+                lat = sample_latents(qden, rc, seeds, labels, grid)
+                evals[key] = _evaluate(ref, lat, lat_fp, img_fp, feat_fp, labels)
+                dens[key] = qden
+                rows.append({"preset": preset, "config": key, "method": "none",
+                             "estimator": None if name == "dynamic" else est, **info, **evals[key]["summary"],
+                             "coverage_warning": warning, "seconds": round(time.perf_counter() - t1, 1)})
+                log(f"# {preset} {key}: sampled in {rows[-1]['seconds']} s")
         for method in methods:
             for base in ("fp", PCR):
                 stats, secs = calibrate_method(ref, dens[base], method, rc_cal, calib_seeds, calib_classes,
@@ -217,6 +238,7 @@ def run(presets, seeds, classes, calib_seeds, calib_classes, *, sampler="euler",
                              "method": method, **evals[key]["summary"], "calib_seconds": round(secs, 1)})
                 log(f"# {preset} {key}: corrections calibrated in {secs:.1f} s")
         pairs = list(PAIRS)
+        pairs += [(f"{c}@{e}", c) for c in configs for e in estimators[1:] if c != "dynamic"]
         for method in methods:
             pairs += [(f"fp+{method}", "fp"), (PCR, "fp"), (f"{PCR}+{method}", "fp"), (f"{PCR}+{method}", PCR)]
         seen = set()
@@ -227,7 +249,7 @@ def run(presets, seeds, classes, calib_seeds, calib_classes, *, sampler="euler",
     res = {"sampler": sampler, "scheduler": scheduler, "steps": steps, "calib_steps": calib_steps or steps,
            "cfg": cfg_scale, "n": len(seeds), "seeds": _span(seeds), "classes": classes, "fp_class_acc": fp_acc,
            "calibration": {"seeds": _span(calib_seeds), "classes": calib_classes, "n": len(calib_seeds),
-                           "estimator": estimator},
+                           "estimator": estimators[0], "estimators": estimators},
            "relax": relax, "relax_bits": bits, "weights": weights, "rows": rows, "comparisons": comparisons}
     if cost and presets:
         res["cost"] = dynamic_cost(ref, presets[-1], weights, rc, log)
@@ -311,7 +333,7 @@ def print_result(res: dict) -> None:
     c = res["calibration"]
     print(f"PCR / QDiffBench-style — reference model, {res['sampler']}, {res['scheduler']} {res['steps']} steps "
           f"(ranges calibrated at {res['calib_steps']}), cfg {res['cfg']}, N={res['n']} seeds {res['seeds']} "
-          f"classes {res['classes']}; ranges ({c['estimator']}) calibrated on {c['n']} seeds {c['seeds']} classes "
+          f"classes {res['classes']}; ranges ({', '.join(c['estimators'])}) calibrated on {c['n']} seeds {c['seeds']} classes "
           f"{c['classes']}; relax {res['relax']:.0%} at A{res['relax_bits']}")
     table = []
     for r in res["rows"]:
@@ -327,6 +349,10 @@ def print_result(res: dict) -> None:
              for x in res["comparisons"]]
     print_table(["preset", "A vs B", "ΔFID A−B [95% CI]", "MSE lower % [95% CI]", "ΔPSNR dB [95% CI]",
                  "Δacc pp [95% CI]"], table, out=sys.stdout)
+    for r in res["rows"]:
+        if r.get("choice_totals"):
+            print(f"{r['preset']} {r['config']}: auto chose, over layers × σ's, "
+                  + ", ".join(f"{c} {n}" for c, n in r["choice_totals"].items()))
     if res.get("cost"):
         k = res["cost"]
         print(f"\ncost of dynamic ranges ({k['preset']}): every call reduces {k['reference_elements_per_sample_call']:,} "
@@ -341,7 +367,8 @@ def main(args) -> int:
     res = run(parse_presets(args.preset), parse_int_list(args.seeds), parse_int_list(args.classes),
               parse_int_list(args.calib_seeds), parse_int_list(args.calib_classes), sampler=args.sampler,
               scheduler=args.scheduler, steps=args.steps, calib_steps=args.calib_steps, cfg=args.cfg,
-              relax=args.relax, bits=args.bits, estimator=args.estimator,
+              relax=args.relax, bits=args.bits,
+              estimator=[e.strip() for e in args.estimator.split(",") if e.strip()],
               configs=[c.strip() for c in args.configs.split(",") if c.strip()],
               methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else (),
               weights=args.weights, batch_size=args.batch, cost=not args.no_cost)
@@ -361,8 +388,10 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-classes", default="0-4", help="calibration classes")
     p.add_argument("--relax", type=float, default=0.2, help="fraction of relaxed steps, in [0, 1]")
     p.add_argument("--bits", type=int, default=10, help="activation bit-width of the relaxed steps (10 or 16)")
-    p.add_argument("--estimator", default="mse", choices=["minmax", "percentile", "mse"],
-                   help="range estimator of the static calibrations")
+    p.add_argument("--estimator", default="mse",
+                   help="range estimator(s) of the static calibrations, comma-separated (minmax, percentile, mse, "
+                        "auto = chosen per layer and σ on the layer's output error); rows for the later ones are "
+                        "compared with the first")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {', '.join(CONFIGS)}")
     p.add_argument("--methods", default=None,
                    help="engine corrections to add on top of the FP-trajectory ranges and of PCR (e.g. tcec,ptqd)")

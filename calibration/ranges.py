@@ -54,6 +54,8 @@ class RangeReport:
     sigmas: list[float]
     layers: int
     missing: list[str] = field(default_factory=list)
+    #: ``auto`` estimator: per layer, how many σ's chose each candidate (``quant.observers.CANDIDATES``)
+    choices: dict = field(default_factory=dict)
     model_calls: dict = field(default_factory=dict)
     seconds: float = 0.0
     meta: dict = field(default_factory=dict)
@@ -197,7 +199,7 @@ def calibrate_activation_ranges(
     report = RangeReport(
         trajectory=trajectory, estimator=estimator if estimator != "percentile" else f"percentile({percentile})",
         n_samples=int(x_init.shape[0]), sigmas=sorted(done, reverse=True), layers=len(acts) - len(never),
-        missing=never, model_calls=dict(calls), seconds=time.perf_counter() - t0, meta=dict(meta or {}),
+        missing=never, choices=obs.choice_counts(), model_calls=dict(calls), seconds=time.perf_counter() - t0, meta=dict(meta or {}),
     )
     quantized.__dict__[ACT_CALIBRATION_ATTR] = report.info()
     return report

@@ -9,8 +9,14 @@ again (progressive calibration observes one step at a time); what it recorded is
 Range estimators: ``minmax``; ``percentile`` (clip at the given percentile, both tails); ``mse``
 (the clip ratio of the min/max range that minimises the fake-quantization MSE at the layer's
 bit-width at that σ, searched on a grid, as Q-Diffusion's MSE initialisation does, ALGORITHMS.md
-§1). Percentile and MSE work on a bounded random sample per (layer, σ), and :meth:`finish` turns
-the records of a σ into ranges and frees its sample, so memory stays flat over a whole schedule.
+§1); ``auto``, which picks one of ``CANDIDATES`` per layer and σ: the one whose ranges give the
+smallest error in the layer's *output* (quantized input vs unquantized input, same quantized
+weights) on a few input rows kept from the calibration data (in-sample: the rows are part of the
+data the candidates' ranges come from). The output error weighs the input error by the weights
+that read it, which the input MSE alone does not. Percentile, MSE and auto work on a bounded
+random sample per (layer, σ) (and auto on at most ``score_elements`` kept input elements, cropped
+spatially or over tokens), and :meth:`finish` turns the records of a σ into ranges and frees them,
+so memory stays flat over a whole schedule.
 
 Unlike momentum-averaged ranges, nothing is mixed across σ: diffusion activations change with the
 noise level, which is the point of keeping ranges per σ. A NaN or inf activation is refused with
@@ -27,7 +33,9 @@ from .context import get_context
 from .errors import QuantizationError
 from .plan import quantized_layers
 
-METHODS = ("minmax", "percentile", "mse")
+METHODS = ("minmax", "percentile", "mse", "auto")
+#: what ``auto`` chooses from, per layer and σ
+CANDIDATES = ("minmax", "percentile(99.9)", "percentile(99.99)", "mse")
 MISSING = ("error", "dynamic")
 
 
@@ -64,6 +72,7 @@ class ActivationObserver:
         max_samples: int = 65536,
         quantize_inputs: bool = False,
         seed: int = 0,
+        score_elements: int = 1 << 17,
     ) -> None:
         if method not in METHODS:
             raise QuantizationError(f"unknown range estimator {method!r}; known: {METHODS}")
@@ -82,6 +91,10 @@ class ActivationObserver:
         self._minmax: dict[tuple[str, float], list[float]] = {}
         self._samples: dict[tuple[str, float], torch.Tensor] = {}
         self._done: dict[tuple[str, float], tuple[float, float]] = {}
+        self.score_elements = score_elements
+        self._rows: dict[tuple[str, float], list[torch.Tensor]] = {}
+        self.choices: dict[tuple[str, float], str] = {}  # auto: the candidate chosen per (layer, σ)
+        self._scoring = False
         self._handles: list = []
         self._modes: dict[str, str] = {}
 
@@ -106,7 +119,8 @@ class ActivationObserver:
 
     def _hook(self, name: str):
         def record(_module, args):
-            self.observe(name, args[0])
+            if not self._scoring:
+                self.observe(name, args[0])
 
         return record
 
@@ -142,6 +156,25 @@ class ActivationObserver:
             if pool.numel() > self.max_samples:
                 pool = pool[torch.randperm(pool.numel(), generator=self._gen)[: self.max_samples]]
             self._samples[key] = pool
+        if self.method == "auto":
+            self._keep_rows(key, x)
+
+    def _keep_rows(self, key: tuple[str, float], x: torch.Tensor) -> None:
+        """Keep whole input rows (cropped to ``score_elements``) for auto's output-error score."""
+        rows = self._rows.setdefault(key, [])
+        room = self.score_elements - sum(r.numel() for r in rows)
+        if room <= 0 or x.ndim < 2:
+            return
+        row = x[:1]
+        if row.numel() > room and row.ndim == 4:  # conv input: a square spatial crop
+            side = max(1, int((room / row.shape[1]) ** 0.5))
+            row = row[..., : min(side, row.shape[2]), : min(side, row.shape[3])]
+        elif row.numel() > room and row.ndim == 3:  # tokens: a random subset
+            keep = max(1, room // row.shape[2])
+            idx = torch.randperm(row.shape[1], generator=self._gen)[:keep].to(row.device)
+            row = row[:, idx]
+        if row.numel() <= room:
+            rows.append(row.clone())
 
     # results -------------------------------------------------------------------------------
     @property
@@ -149,15 +182,41 @@ class ActivationObserver:
         """σ keys observed but not finished yet."""
         return sorted({s for _, s in self._minmax})
 
-    def _estimate(self, key: tuple[str, float]) -> tuple[float, float]:
+    def _candidate(self, key: tuple[str, float], method: str) -> tuple[float, float]:
         lo, hi = self._minmax[key]
-        if self.method == "minmax":
+        if method == "minmax":
             return lo, hi
         sample = self._samples[key]
-        if self.method == "percentile":
-            return percentile_clip(sample, lo, self.percentile)
+        if method.startswith("percentile"):
+            p = float(method[len("percentile("):-1]) if "(" in method else self.percentile
+            return percentile_clip(sample, lo, p)
         act = self.layers[key[0]].act
         return mse_clip(sample, lo, hi, act.bits_at(key[1]), act.qtype.symmetric)
+
+    def _estimate(self, key: tuple[str, float]) -> tuple[float, float]:
+        if self.method != "auto":
+            return self._candidate(key, self.method)
+        layer = self.layers[key[0]]
+        act, rows = layer.act, self._rows.get(key, [])
+        options = {c: self._candidate(key, c) for c in CANDIDATES}
+        if not rows:
+            self.choices[key] = "mse"
+            return options["mse"]
+        bits = act.bits_at(key[1])
+        errors = {}
+        mode, self._scoring, act.mode = act.mode, True, "none"
+        try:
+            with torch.no_grad():
+                ref = [layer(r) for r in rows]
+                for c, (lo, hi) in options.items():
+                    lo_t, hi_t = torch.tensor(lo), torch.tensor(hi)
+                    errors[c] = sum(float((layer(fake_quantize(r, lo_t.to(r.device), hi_t.to(r.device), bits,
+                                                               act.qtype.symmetric)) - y).float().pow(2).sum())
+                                    for r, y in zip(rows, ref))
+        finally:
+            act.mode, self._scoring = mode, False
+        self.choices[key] = min(errors, key=errors.get)
+        return options[self.choices[key]]
 
     def finish(self, sigmas: list[float] | None = None) -> dict[str, dict[float, tuple[float, float]]]:
         """Turn the records of the given σ keys (default: all pending) into ranges and free them.
@@ -172,6 +231,7 @@ class ActivationObserver:
             out.setdefault(key[0], {})[key[1]] = self._done[key]
             del self._minmax[key]
             self._samples.pop(key, None)
+            self._rows.pop(key, None)
         return out
 
     def ranges(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -183,6 +243,14 @@ class ActivationObserver:
         for (name, sigma), (lo, hi) in sorted(self._done.items()):
             out.setdefault(name, []).append((sigma, lo, hi))
         return {n: tuple(torch.tensor(col) for col in zip(*rows)) for n, rows in out.items()}
+
+    def choice_counts(self) -> dict[str, dict[str, int]]:
+        """``auto``: per layer, how many σ's chose each candidate."""
+        out: dict[str, dict[str, int]] = {}
+        for (name, _), c in sorted(self.choices.items()):
+            out.setdefault(name, {}).setdefault(c, 0)
+            out[name][c] += 1
+        return out
 
     def unobserved(self) -> list[str]:
         """Quantized layers with an activation quantizer that were never called while observing."""
