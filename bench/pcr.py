@@ -127,6 +127,13 @@ def compare(a: dict, b: dict, feat_fp) -> dict:
     }
 
 
+def average_bits(qden, sigmas) -> float:
+    """Mean activation bit-width over the model calls (σ > 0) of the schedule ``sigmas``."""
+    act = next(m.act for m in quantized_layers(qden.quantized).values() if m.act.qtype is not None)
+    calls = [float(s) for s in sigmas if float(s) > 0]
+    return sum(act.bits_at(s) for s in calls) / len(calls)
+
+
 def _act_bits(qden) -> int:
     return min(m.act.qtype.bits for m in quantized_layers(qden.quantized).values() if m.act.qtype is not None)
 
@@ -221,6 +228,7 @@ def run(presets, seeds, classes, calib_seeds, calib_classes, *, sampler="euler",
                 lat = sample_latents(qden, rc, seeds, labels, grid)
                 evals[key] = _evaluate(ref, lat, lat_fp, img_fp, feat_fp, labels)
                 dens[key] = qden
+                info["avg_bits"] = average_bits(qden, eval_sigmas)  # on the evaluated schedule
                 rows.append({"preset": preset, "config": key, "method": "none",
                              "estimator": None if name == "dynamic" else est, **info, **evals[key]["summary"],
                              "coverage_warning": warning, "seconds": round(time.perf_counter() - t1, 1)})

@@ -69,3 +69,22 @@ def test_activation_elements_of_the_sd15_unet_are_counted_on_meta():
     n = pcr.sd15_activation_elements("W8A8")
     # the first ResBlock conv alone reads 320·64·64 inputs: the total is far larger
     assert n > 50 * 320 * 64 * 64
+
+
+def test_average_bits_are_counted_on_the_evaluated_schedule():
+    from qcorrect.bench.common import quant_plan
+    from qcorrect.bench.pipeline import quantized_denoiser
+    from qcorrect.quant import set_activation_schedule
+    from qcorrect.reference.model import load_reference
+    from qcorrect.reference.schedules import get_sigmas
+
+    ref = load_reference()
+    qden = quantized_denoiser(ref.denoiser, quant_plan("W4A8", None))
+    cal = get_sigmas("normal", ref.denoiser.sigmas, 10)
+    schedule, k, avg = pcr.relaxed_schedule(cal, 0.2, "x0", 10, 8)
+    set_activation_schedule(qden.quantized, schedule)
+    assert pcr.average_bits(qden, cal) == pytest.approx(avg) == pytest.approx(8.4)
+    # the same σ ranges on a 20-step schedule relax the 20-step calls that fall inside them
+    other = get_sigmas("normal", ref.denoiser.sigmas, 20)
+    inside = sum(1 for s in other[:-1] if float(s) <= schedule[0][1])
+    assert pcr.average_bits(qden, other) == pytest.approx((inside * 10 + (20 - inside) * 8) / 20)
