@@ -177,8 +177,9 @@ def _transfer_reasons(stats, cfg: EngineConfig, sched_h: torch.Tensor, sampler: 
     m = stats.meta
     reasons = []
     if sched_h.numel() - 1 != stats.rows or not torch.allclose(sched_h[:-1], stats.sigma, rtol=1e-4):
-        reasons.append(f"schedule of {sched_h.numel() - 1} steps differs from the calibrated "
-                       f"{m.scheduler or '?'} schedule of {stats.rows} steps")
+        n_run = sched_h.numel() - 1
+        what = ("schedule has other σ's than" if n_run == stats.rows else f"schedule of {n_run} steps differs from")
+        reasons.append(f"{what} the calibrated {m.scheduler or '?'} schedule of {stats.rows} steps")
     if canonical_sampler(sampler) != canonical_sampler(m.sampler):
         reasons.append(f"sampler {canonical_sampler(sampler)!r} instead of the calibrated {m.sampler!r}")
     elif sampler_kind(sampler) == "ancestral" and abs(float(m.eta) - float(eta)) > 1e-9:

@@ -36,7 +36,7 @@ from ..calibration.validate import calibrate_checked
 from ..quant import QuantizationError
 from . import patching
 from .sampling import stats_summary
-from .types import STATS_FOLDER, Stats, output_path
+from .types import STATS_FOLDER, Stats, output_path, shown_path
 
 CATEGORY = "qcorrect"
 CALIBRATION_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "ddim")
@@ -184,7 +184,9 @@ class CalibrateErrors(io.ComfyNode):
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent_image", tooltip="One batch of the calibration set (e.g. Empty Latent Image)."),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                             tooltip="Seed of the calibration set (batch i uses seed + i); kept fixed so a re-run "
+                                     "reproduces the file."),
                 io.Combo.Input("sampler", options=list(CALIBRATION_SAMPLERS), default="euler",
                                tooltip="The sampler the statistics are fitted for (they transfer to others)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal"),
@@ -237,7 +239,8 @@ class CalibrateErrors(io.ComfyNode):
         guider.sample(noise[:bs], latent, calib, sigmas, disable_pbar=True, seed=int(seed))
         stats = calib.result
         stats.save(path)
-        return io.NodeOutput(stats, ui=ui.PreviewText(f"saved {path}\n{stats_summary(stats)}"))
+        text = f"saved models/{shown_path(STATS_FOLDER, path)}\n{stats_summary(stats)}"
+        return io.NodeOutput(stats, ui=ui.PreviewText(text))
 
 
 NODES = [CalibrateErrors]

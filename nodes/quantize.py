@@ -15,7 +15,7 @@ from ..quant.qtypes import ACTIVATION, qtype
 from ..quant.relax import relaxed_schedule
 from . import patching
 from .comfy_export import save_comfy_checkpoint
-from .types import QUANTIZED_FOLDER, output_path
+from .types import QUANTIZED_FOLDER, output_path, shown_path
 
 CATEGORY = "qcorrect"
 GROUP_CHOICES = ("64", "128", "per-channel")
@@ -183,13 +183,13 @@ class SaveQuantizedModel(io.ComfyNode):
         if format == "comfyui int8":
             path = output_path("diffusion_models", filename)
             counts = save_comfy_checkpoint(dm, path, meta)
-            text = (f"saved {path} in ComfyUI's layout: {counts['int8']} Linear layers as comfy_quant int8, "
+            text = (f"saved models/{shown_path('diffusion_models', path)} in ComfyUI's layout: {counts['int8']} Linear layers as comfy_quant int8, "
                     f"{counts['fp16']} quantized layers written as fp16 (ComfyUI has no format for group-int4 "
                     "or quantized convolutions)")
             return io.NodeOutput(ui=ui.PreviewText(text))
         path = output_path(QUANTIZED_FOLDER, filename)
         save_quantized(dm, path, meta)
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {path}"))
+        return io.NodeOutput(ui=ui.PreviewText(f"saved models/{shown_path(QUANTIZED_FOLDER, path)}"))
 
 
 class LoadQuantizedModel(io.ComfyNode):

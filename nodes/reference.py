@@ -216,6 +216,10 @@ def _decode_scaled(autoencoder, scaled: torch.Tensor, batch_size: int = 256) -> 
     return torch.cat([autoencoder.decode(scaled[i:i + batch_size]) for i in range(0, len(scaled), batch_size)])
 
 
+#: the reference model's latent [C, H, W] (an Empty Latent Image of 112×112)
+REFERENCE_LATENT_SHAPE = (4, 14, 14)
+
+
 @torch.no_grad()
 def compare_batches(reference, test, ref_model=None) -> dict:
     """Metrics of ``test`` against ``reference`` (both LATENT dicts or both IMAGE tensors).
@@ -224,6 +228,9 @@ def compare_batches(reference, test, ref_model=None) -> dict:
     latents (× scale factor, as in the benchmarks) and images are decoded with the reference
     autoencoder. Returns ``kind``, ``n``, mean ``psnr`` (capped at 100 dB), ``ssim``, ``latent_mse``
     (None for IMAGEs), ``fid_to_fp`` (None when not meaningful) and ``fid_note`` saying why.
+    LATENTs of another shape than the reference model's 4×14×14 are another model's: only the MSE of
+    the raw latents is reported (``raw_latents``; PSNR/SSIM None) — decode them with their own VAE
+    and compare IMAGEs for the rest.
     """
     (kind_r, ref), (kind_t, tst) = _batch(reference, "reference"), _batch(test, "test")
     if kind_r != kind_t:
@@ -236,10 +243,12 @@ def compare_batches(reference, test, ref_model=None) -> dict:
         raise ValueError(f"reference and test shapes differ: {tuple(ref.shape)} vs {tuple(tst.shape)}")
     ref_model = ref_model if ref_model is not None else load_reference()
     out = {"kind": kind_r, "n": int(ref.shape[0]), "latent_mse": None}
+    if kind_r == "LATENT" and tuple(ref.shape[1:]) != REFERENCE_LATENT_SHAPE:
+        # another model's latents: the reference autoencoder must not decode them, and their scale is unknown
+        out.update(latent_mse=float(latent_mse(tst, ref).mean()), raw_latents=True, psnr=None, ssim=None,
+                   fid_to_fp=None, fid_note="needs images (VAE Decode both batches and compare IMAGEs)")
+        return out
     if kind_r == "LATENT":
-        if ref.shape[1] != ReferenceLatentFormat.latent_channels:
-            raise ValueError(f"Compare To Reference decodes LATENTs with the reference autoencoder (4 channels); "
-                             f"these have {ref.shape[1]}. For another model compare IMAGEs after its VAE Decode")
         scale = ref_model.autoencoder.scale_factor
         ref, tst = ref * scale, tst * scale
         out["latent_mse"] = float(latent_mse(tst, ref).mean())
@@ -291,17 +300,25 @@ def _number(value, spec: str) -> str:
 
 def format_report(metrics: dict, stats: CorrectionStats | None) -> str:
     """The node's text: the metrics of :func:`compare_batches`, then the per-step table of the stats."""
-    kind = "latents (decoded with the reference autoencoder)" if metrics["kind"] == "LATENT" else "images"
-    lines = [f"test vs reference: N = {metrics['n']} {kind}",
-             f"PSNR       {metrics['psnr']:.4f} dB (mean; identical images count {PSNR_CAP_DB:.0f} dB)",
-             f"SSIM       {metrics['ssim']:.4f}"]
-    if metrics["latent_mse"] is not None:
+    if metrics.get("raw_latents"):
+        lines = [f"test vs reference: N = {metrics['n']} latents of another model than the reference model",
+                 f"latent MSE {metrics['latent_mse']:.6g} (raw latents, as the sampler returns them)",
+                 "PSNR, SSIM, FID-to-FP: VAE Decode both batches with the model's own VAE and compare the IMAGEs"]
+    else:
+        kind = "latents (decoded with the reference autoencoder)" if metrics["kind"] == "LATENT" else "images"
+        lines = [f"test vs reference: N = {metrics['n']} {kind}",
+                 f"PSNR       {metrics['psnr']:.4f} dB (mean; identical images count {PSNR_CAP_DB:.0f} dB)",
+                 f"SSIM       {metrics['ssim']:.4f}"]
+    if metrics.get("raw_latents"):
+        pass
+    elif metrics["latent_mse"] is not None:
         lines.append(f"latent MSE {metrics['latent_mse']:.6g} (unit-variance model latents)")
     else:
         lines.append("latent MSE n/a (IMAGE inputs)")
     fid = metrics["fid_to_fp"]
-    lines.append(f"FID-to-FP  {fid:.4f} (reference classifier features)" if fid is not None
-                 else f"FID-to-FP  not computed: {metrics['fid_note']}")
+    if not metrics.get("raw_latents"):
+        lines.append(f"FID-to-FP  {fid:.4f} (reference classifier features)" if fid is not None
+                     else f"FID-to-FP  not computed: {metrics['fid_note']}")
     if stats is None:
         lines.append("no stats connected: the plot is empty")
         return "\n".join(lines)

@@ -45,3 +45,12 @@ def output_path(folder: str, filename: str) -> str:
     if os.path.commonpath([root, path]) != root:
         raise ValueError(f"file name {filename!r} leaves the {folder} folder")
     return path
+
+
+def shown_path(folder: str, path: str) -> str:
+    """``path`` as a user reads it on the node: relative to its model folder (``qcorrect/…``)."""
+    for root in folder_paths.get_folder_paths(folder):
+        root = os.path.abspath(root)
+        if os.path.commonpath([root, os.path.abspath(path)]) == root:
+            return f"{folder}/{os.path.relpath(path, root)}"
+    return path

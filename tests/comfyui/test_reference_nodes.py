@@ -255,8 +255,12 @@ def test_compare_refuses_mismatched_inputs(R, loaded, sampled):
         R.QCorrectCompareToReference.execute(reference=latent, test=image)
     with pytest.raises(ValueError, match="4 samples but test has 2"):
         R.QCorrectCompareToReference.execute(reference=latent, test={"samples": latent["samples"][:2]})
-    with pytest.raises(ValueError, match="4 channels"):
-        R.compare_batches({"samples": torch.zeros(2, 16, 8, 8)}, {"samples": torch.zeros(2, 16, 8, 8)})
+    # another model's latents (SD's 64×64 → 8×8, 16-channel ones) are never decoded by the MNIST autoencoder
+    a, b = torch.zeros(2, 16, 8, 8), torch.ones(2, 16, 8, 8)
+    raw = R.compare_batches({"samples": a}, {"samples": b})
+    assert raw["raw_latents"] and raw["latent_mse"] == 1.0 and raw["psnr"] is None
+    report = R.format_report(raw, None)
+    assert "another model" in report and "raw latents" in report and "PSNR  " not in report
     with pytest.raises(ValueError, match="calibration statistics"):
         R.QCorrectCompareToReference.execute(reference=latent, test=latent, stats="not stats")
 

@@ -49,7 +49,7 @@ def test_calibrate_errors_writes_a_stats_file_for_the_pair(comfy, fp, q, tcec_st
 
     stats, text = tcec_stats
     path = comfy.models / "qcorrect" / "tests" / "tcec.safetensors"
-    assert path.is_file() and str(path) in text
+    assert path.is_file() and "saved models/qcorrect/tests/tcec.safetensors" in text
     loaded = CorrectionStats.load(str(path))
     m = loaded.meta
     assert (m.sampler, m.steps, m.cfg, m.n_samples, m.scheduler) == ("euler", STEPS, CFG, 4, "normal")
