@@ -239,3 +239,54 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
     return {"layers": result, "seconds": time.perf_counter() - t0, "passes": len(groups),
             "peak_stats_bytes": max(sum(sizes[g] for g in group) for group in groups),
             "n_fit": len(fit), "n_hold": len(hold)}
+
+
+@torch.no_grad()
+def probe_calls(sample_fn, x_init: torch.Tensor, sigmas: torch.Tensor, extra: dict | None = None, *,
+                samples: int = 4, noise_sampler_factory=None, denoiser=None) -> list:
+    """The model calls ``(x, σ, extra)`` that sampling the first ``samples`` calibration latents
+    makes, for :func:`layer_probe` (recorded from the FP ``denoiser``; one entry per call)."""
+    n = int(x_init.shape[0])
+    idx = list(range(min(samples, n)))
+    sel = torch.tensor(idx)
+    ex = {k: (v[sel] if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == n else v) for k, v in (extra or {}).items()}
+    calls = []
+
+    def model(x, sigma, **e):
+        calls.append((x.clone(), sigma.clone(), dict(e)))
+        return denoiser(x, sigma, **e)
+
+    opts = {} if noise_sampler_factory is None else {"noise_sampler": noise_sampler_factory(idx)}
+    sample_fn(model, x_init[sel], sigmas, ex, None, True, **opts)
+    return calls
+
+
+def layer_probe(denoiser, module: nn.Module, calls: list, step_weight: Callable[[float], float] | None = None):
+    """``probe(name, weight) -> float``: the step-weighted mean squared ε error of ``denoiser`` over
+    ``calls`` when layer ``name`` of ``module`` computes with ``weight`` instead of its own: that
+    layer's share of the (teacher-forced) error, the sensitivity the byte budget spends on.
+    The calls run batched in one forward; the layer's weight is restored after each probe."""
+    if not calls:
+        raise CalibrationError("the sensitivity probe needs at least one recorded model call")
+    x = torch.cat([c[0] for c in calls])
+    sigma = torch.cat([c[1] for c in calls])
+    keys = calls[0][2].keys()
+    ex = {k: (torch.cat([c[2][k] for c in calls]) if torch.is_tensor(calls[0][2][k]) else calls[0][2][k]) for k in keys}
+    w = torch.tensor([1.0 if step_weight is None else float(step_weight(float(c[1].reshape(-1)[0])))
+                      for c in calls for _ in range(c[0].shape[0])])
+    s4 = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+    with torch.no_grad():
+        ref = denoiser(x, sigma, **ex)
+
+    @torch.no_grad()
+    def probe(name: str, weight: torch.Tensor) -> float:
+        layer = module.get_submodule(name)
+        old = layer.weight.data
+        layer.weight.data = weight.detach().to(device=old.device, dtype=old.dtype).reshape(old.shape)
+        try:
+            err = ((denoiser(x, sigma, **ex) - ref) / s4).pow(2).flatten(1).mean(1)
+        finally:
+            layer.weight.data = old
+        return float((err * w).sum() / w.sum())
+
+    return probe

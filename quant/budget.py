@@ -6,7 +6,11 @@ tensors at their size). What the plan's quantized model takes is the base; the h
 
 * ``int8``: the layer at int8 per-channel (its error falls to about 1/16² of 4-bit's, taken as 0);
 * ``rank``: the next 4 ranks of the layer's activation-weighted low-rank branch (:mod:`.lowrank`),
-  whose benefit is the share of the weighted residual those singular values hold.
+  whose benefit is the share of the weighted residual those singular values hold;
+* ``kept``: the plan's 16-bit layers (time embedding, first/last conv) start at int8 weights (16-bit
+  activations), which frees bytes; keeping one at 16-bit is an item like the others, whose cost is
+  the bytes it takes back and whose benefit is its int8 error. (If even the plan's own layers do not
+  fit the budget, they stay as the plan says and nothing is spent.)
 
 The benefit of removing a share ``f`` of a layer's output error is ``f·sensitivity`` where the
 sensitivity is the layer's measured share of the end-to-end error (a probe that quantizes that
@@ -56,16 +60,25 @@ def allocate(module, plan, floats: dict, solutions: dict, inputs: dict, cfg, sen
     """Choose int8 layers and ranks under ``cfg.budget``; returns the allocation report."""
     total_fp16 = fp16_bytes(module)
     base = total_fp16
+    savings = {}  # the plan's 16-bit layers: bytes freed by storing them at int8 (all start there)
     for name, sol in solutions.items():
         m = floats[name]
-        base -= 2 * (m.weight.numel() + (0 if m.bias is None else m.bias.numel()))
-        base += layer_bytes(sol.weight_type, tuple(m.weight.shape), m.bias is not None, _channels(m),
-                            sol.input_scale is not None, 0)
+        bytes_q = layer_bytes(sol.weight_type, tuple(m.weight.shape), m.bias is not None, _channels(m),
+                              sol.input_scale is not None, 0)
+        bytes_f = 2 * (m.weight.numel() + (0 if m.bias is None else m.bias.numel()))
+        base += bytes_q - bytes_f
+        if sol.kept:
+            savings[name] = bytes_f - bytes_q
     budget = int(cfg.budget * total_fp16)
     headroom = budget - base
     report = {"fp16_bytes": total_fp16, "base_bytes": base, "budget_bytes": budget, "int8": [], "ranks": {},
-              "spent_bytes": 0, "weighting": "measured sensitivity" if sensitivity else "relative output error"}
+              "kept_16bit": sorted(savings), "kept_int8": [], "spent_bytes": 0,
+              "weighting": "measured sensitivity" if sensitivity else "relative output error"}
+    if headroom < 0 and savings:  # not even the plan's own layers fit: they stay as the plan says
+        report["base_bytes"] = base + sum(savings.values())
+        savings = {}
     if headroom <= 0:
+        report["kept_16bit"] = sorted(n for n, sol in solutions.items() if sol.kept)
         report["note"] = (f"the plan's quantized model already takes {base / total_fp16:.4f}× fp16 ≥ the budget "
                           f"{cfg.budget:.4f}×: nothing to spend")
         return report
@@ -78,9 +91,13 @@ def allocate(module, plan, floats: dict, solutions: dict, inputs: dict, cfg, sen
         else:
             weights[name] = 1.0 / max(sol.out_energy_hold, 1e-30)
     heap = []  # (−benefit per byte, tiebreak, kind, name, payload)
+    for name, cost in savings.items():  # keeping a plan layer at 16-bit removes its int8 error
+        sol = solutions[name]
+        if name in weights and cost > 0:
+            heapq.heappush(heap, (-weights[name] * sol.err_hold / cost, len(heap), "keep16", name, cost))
     for name, sol in solutions.items():
         m, st = floats[name], inputs.get(name)
-        if name not in weights or st is None:
+        if name not in weights or st is None or sol.kept:
             continue
         shape, w8 = tuple(m.weight.shape), "int8"
         if "int8" in cfg.budget_options and sol.weight_type != w8:
@@ -93,13 +110,19 @@ def allocate(module, plan, floats: dict, solutions: dict, inputs: dict, cfg, sen
             _push_rank(heap, name, sol, 0, cfg, weights, shape)
     ranks: dict[str, int] = {}
     int8: set[str] = set()
-    spent = 0
+    keep16: set[str] = {n for n in savings if n not in weights}  # nothing measured: leave as planned
+    spent = sum(savings[n] for n in keep16)
     while heap:
         neg, _, kind, name, payload = heapq.heappop(heap)
         if neg >= 0 or name in int8:
             continue
         m = floats[name]
         shape = tuple(m.weight.shape)
+        if kind == "keep16":
+            if spent + payload <= headroom:
+                spent += payload
+                keep16.add(name)
+            continue
         if kind == "int8":
             refund = branch_bytes(shape[0], input_size(shape), ranks.get(name, 0))
             if spent - refund + payload > headroom:
@@ -116,6 +139,7 @@ def allocate(module, plan, floats: dict, solutions: dict, inputs: dict, cfg, sen
             ranks[name] = r1
             _push_rank(heap, name, solutions[name], r1, cfg, weights, shape)
     report.update(int8=sorted(int8), ranks=dict(sorted(ranks.items())), spent_bytes=spent,
+                  kept_16bit=sorted(keep16), kept_int8=sorted(set(savings) - keep16),
                   ratio=round((base + spent) / total_fp16, 4))
     return report
 

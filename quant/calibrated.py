@@ -36,12 +36,18 @@ from .errors import QuantizationError
 from .gptq import DEFAULT_DAMP, gptq_quantize, output_error
 from .layerinputs import LayerInputs
 from .modules import QuantConv2d, QuantLinear
-from .plan import QuantPlan, _as_plan, _set_submodule, quantize_model, quantized_layers, resolve_plan
+from .activations import ActQuantizer
+from .context import attach_context, get_context
+from .plan import KEPT_ATTR, QuantPlan, _as_plan, _set_submodule, quantize_model, quantized_layers, resolve_plan
 from .qtypes import qtype
 from .weights import dequantize_weight, quantize_weight
 
 ROUNDINGS = ("rtn", "gptq")
 ACT_ORDERS = ("on", "off", "both")
+#: what a byte budget may do: raise 4-bit layers to int8, add low-rank branches, or store the plan's
+#: 16-bit layers (time embedding, first/last conv) at int8 where that costs less error than the
+#: bytes it frees buy elsewhere
+BUDGET_OPTIONS = ("int8", "rank", "kept")
 CALIB_ATTR = "qcorrect_calibration"
 
 
@@ -55,7 +61,7 @@ class CalibratedConfig:
     fallback: bool = True
     awq: bool = False
     budget: float | None = None
-    budget_options: tuple[str, ...] = ("int8", "rank")
+    budget_options: tuple[str, ...] = ("int8", "rank", "kept")
     max_rank: int = 32
     outlier_ratio: float | None = 1000.0
     min_rows: int = 16
@@ -69,9 +75,9 @@ class CalibratedConfig:
             raise QuantizationError(f"damping must be positive, got {self.damp!r}")
         if self.budget is not None and not 0 < self.budget <= 1:
             raise QuantizationError(f"the byte budget is a ratio of the fp16 bytes in (0, 1], got {self.budget!r}")
-        unknown = set(self.budget_options) - {"int8", "rank"}
+        unknown = set(self.budget_options) - set(BUDGET_OPTIONS)
         if unknown:
-            raise QuantizationError(f"unknown budget option(s) {sorted(unknown)}; known: int8, rank")
+            raise QuantizationError(f"unknown budget option(s) {sorted(unknown)}; known: {', '.join(BUDGET_OPTIONS)}")
         return self
 
 
@@ -85,6 +91,7 @@ class LayerSolution:
     lowrank: tuple | None = None
     act_16bit: bool = False
     calib: dict = field(default_factory=dict)
+    kept: bool = False  # a layer the plan keeps in 16-bit, solved at int8 as a budget candidate
     # for the budget: held-out output errors and the weighted SVD of the residual
     err_hold: float = 0.0
     err_rtn_hold: float = 0.0
@@ -197,13 +204,32 @@ def quantize_calibrated(module: nn.Module, plan: QuantPlan | str | None, inputs:
         if progress is not None:
             progress(i + 1, len(todo))
     allocation = None
+    if cfg.budget is not None and "kept" in cfg.budget_options:
+        for name, d in decisions.items():
+            if d["weight"] is None and d["fallback"] is None:  # kept 16-bit by the plan, not by a misfit
+                floats[name] = module.get_submodule(name)
+                sol = solve_layer(name, floats[name].weight, inputs.get(name), "int8", None, cfg)
+                sol.kept = True
+                solutions[name] = sol
     if cfg.budget is not None and callable(sensitivity):  # a probe: measure each layer's share now
         sensitivity = {n: float(sensitivity(n, _effective_weight(sol, floats[n].weight.shape)))
                        for n, sol in solutions.items()}
     if cfg.budget is not None:
         allocation = allocate(module, plan, floats, solutions, inputs, cfg, sensitivity)
         apply_allocation(floats, solutions, inputs, allocation, cfg)
+        for name in allocation.get("kept_16bit", []):
+            del solutions[name]
+    context = get_context(module) or attach_context(module)
+    demoted = {}
+    for name, sol in solutions.items():
+        if sol.kept:  # stored at int8 with 16-bit activations, like a W8A16 layer
+            cls = QuantLinear if isinstance(floats[name], nn.Linear) else QuantConv2d
+            demoted[name] = cls.from_float(floats[name], "int8", ActQuantizer(None, "none", context, name), name)
+            sol.calib["budget"] = "int8 (kept 16-bit by the plan; int8 weights, 16-bit activations)"
     quantize_model(module, plan)
+    for name, new in demoted.items():
+        _set_submodule(module, name, new)
+        module.__dict__[KEPT_ATTR].pop(name, None)
     layers = quantized_layers(module)
     for name, sol in solutions.items():
         layer = layers[name]
@@ -251,6 +277,9 @@ def calibrated_summary(module: nn.Module) -> str:
     int8 = sum(1 for c in calib if c.get("budget") == "int8")
     if int8:
         parts.append(f"{int8} raised to int8 by the budget")
+    kept = sum(1 for c in calib if str(c.get("budget", "")).startswith("int8 (kept"))
+    if kept:
+        parts.append(f"{kept} of the plan's 16-bit layers stored at int8 by the budget")
     out = sum(1 for c in calib if "outliers" in c)
     if out:
         parts.append(f"{out} with 16-bit activations (outliers)")

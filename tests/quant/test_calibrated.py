@@ -213,3 +213,29 @@ def test_bad_configs_are_refused():
                 dict(budget_options=("int2",))):
         with pytest.raises(QuantizationError):
             CalibratedConfig(**bad).validate()
+
+
+def test_the_budget_can_store_the_plans_16_bit_layers_at_int8_to_make_room(setting, tmp_path):
+    net, stats, test = setting
+    plain = Net()
+    quantize_calibrated(plain, "W4A16", stats)
+    base = resident_bytes(copy.deepcopy(plain).half())
+    fp16 = fp16_bytes(Net())
+    cal = Net()
+    rep = quantize_calibrated(cal, "W4A16", stats, CalibratedConfig(budget=base / fp16))  # no headroom as planned
+    alloc = rep["allocation"]
+    assert set(alloc["kept_int8"]) | set(alloc["kept_16bit"]) == {"conv_in", "conv_out"}
+    assert alloc["kept_int8"] and (alloc["int8"] or alloc["ranks"])
+    got = resident_bytes(copy.deepcopy(cal).half())
+    assert got <= base and got == alloc["base_bytes"] + alloc["spent_bytes"]
+    demoted = quantized_layers(cal)[alloc["kept_int8"][0]]
+    assert demoted.wqtype.name == "int8" and demoted.act.qtype is None
+    assert "16-bit layers stored at int8" in rep["summary"]
+    save_quantized(cal, str(tmp_path / "k.safetensors"))
+    back = load_quantized(Net(), str(tmp_path / "k.safetensors"))
+    assert set(quantization_plan(back)["kept"]) == set(alloc["kept_16bit"])
+    with torch.no_grad():
+        assert torch.equal(back(test), cal(test))
+        assert output_mse(cal, net, test) < output_mse(plain, net, test)
+    no_kept = quantize_calibrated(Net(), "W4A16", stats, CalibratedConfig(budget=base / fp16, budget_options=("int8", "rank")))
+    assert no_kept["allocation"]["spent_bytes"] == 0

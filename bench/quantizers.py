@@ -1,0 +1,302 @@
+"""``qcorrect bench quantizers``: calibrated weight quantizers against round-to-nearest, end to end.
+
+For every sampler and CFG scale: the FP model samples the evaluation seeds once; the per-layer input
+statistics are collected once from FP sampling of the *calibration* seeds (disjoint, checked) with
+the same sampler, schedule and CFG (``calibration.inputs.collect_inputs``); then for every preset the
+round-to-nearest model (the baseline) and every method quantize the reference UNet and sample the
+same seeds, classes and noise. Per row, against FP: latent MSE, PSNR, SSIM, FID-to-FP, class
+accuracy; against round-to-nearest: the share of its latent-MSE gap closed with a 95% paired
+bootstrap interval, the median per-sample gap closed, the worst per-sample latent-MSE ratio to
+round-to-nearest and the share of samples made worse; the resident-bytes ratio to fp16 of the
+quantized reference UNet and of the same method and budget on the SD1.5-shaped UNet (counted on a
+meta-device copy, no weights allocated); and the calibration time (collecting the statistics,
+shared by the methods of one sampler and CFG, plus each method's own solve and probe).
+
+Methods (``--methods``): ``rtn`` (round-to-nearest), ``gptq`` (GPTQ with activation order, per-layer
+fallback to round-to-nearest on held-out statistics), ``gptq_nofb`` (no fallback), ``gptq_natural``
+(natural column order), ``awq`` (AWQ-style scales, round-to-nearest), ``awq_gptq``, ``gptq_int8`` /
+``gptq_rank`` / ``gptq_budget`` (GPTQ plus the ``--budget`` spent on int8 layers, low-rank branches,
+or both, weighted by each layer's measured sensitivity), ``all`` (every lever), ``best`` (the
+pack's default calibrated quantizer, :data:`BEST`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from ..calibration.inputs import collect_inputs, early_weight, layer_probe, probe_calls
+from ..evaluation import paired_bootstrap_ci
+from ..quant import PRESETS, SigmaScopedDenoiser, quantize_model, resolve_plan
+from ..quant.budget import RANK_STEP, layer_bytes
+from ..quant.calibrated import CalibratedConfig, quantize_calibrated
+from ..reference.model import load_reference
+from ..reference.samplers import SAMPLERS
+from ..reference.schedules import get_sigmas
+from .common import emit_json, parse_presets, print_table, resident_bytes, set_threads
+from .correct import check_disjoint
+from .pipeline import (
+    PerSampleNoise, RunConfig, decode, initial_noise, labels_for, parse_int_list, per_sample_metrics,
+    sample_latents, start_latent, summary,
+)
+from .sd_unet import SDUNet
+
+LATENT = (4, 14, 14)
+
+#: method name → calibrated configuration (``budget`` filled in from ``--budget``); ``rtn`` is None
+METHODS: dict[str, CalibratedConfig | None] = {
+    "rtn": None,
+    "gptq": CalibratedConfig(act_order="on"),
+    "gptq_nofb": CalibratedConfig(act_order="on", fallback=False),
+    "gptq_natural": CalibratedConfig(act_order="off"),
+    "awq": CalibratedConfig(rounding="rtn", awq=True),
+    "awq_gptq": CalibratedConfig(act_order="on", awq=True),
+    "gptq_int8": CalibratedConfig(act_order="on", budget=0.30, budget_options=("int8",)),
+    "gptq_rank": CalibratedConfig(act_order="on", budget=0.30, budget_options=("rank",)),
+    "gptq_budget": CalibratedConfig(act_order="on", budget=0.30),
+    "gptq_budget_nokept": CalibratedConfig(act_order="on", budget=0.30, budget_options=("int8", "rank")),
+    "all": CalibratedConfig(act_order="on", awq=True, budget=0.30),
+}
+#: the default calibrated quantizer (docs/BENCHMARKS.md, "Calibrated quantizers")
+BEST = "gptq"
+METHODS["best"] = METHODS[BEST]
+PROBE_SAMPLES = 2
+
+
+def method_config(name: str, budget: float, outlier_ratio: float | None) -> CalibratedConfig | None:
+    cfg = METHODS[name]
+    if cfg is None:
+        return None
+    return replace(cfg, budget=budget if cfg.budget is not None else None, outlier_ratio=outlier_ratio)
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise SystemExit(f"unknown method(s) {unknown or text!r}; known: {', '.join(METHODS)}")
+    return (["rtn"] if "rtn" not in names else []) + names
+
+
+def _count(t: torch.Tensor) -> int:
+    return t.numel() * (2 if t.is_floating_point() else t.element_size())
+
+
+def sd15_bytes_ratio(preset: str, cfg: CalibratedConfig | None) -> dict:
+    """Resident bytes over fp16 of the SD1.5-shaped UNet under ``preset`` and the method's structure,
+    counted on a meta-device model (shapes only). Round-to-nearest and GPTQ store the same bytes;
+    AWQ scales are counted on every quantized layer (an upper bound: the held-out check keeps them
+    only where they help); a budget is spent up to its cap (``≤``: the layers it picks depend on
+    calibration statistics an SD1.5 with random weights does not have)."""
+    with torch.device("meta"):
+        model = SDUNet()
+    total = sum(_count(t) for t in [*model.parameters(), *model.buffers()])
+    decisions = resolve_plan(model, PRESETS[preset])
+    base = total
+    extra_cap = 0
+    for name, d in decisions.items():
+        if not d["weight"]:
+            continue
+        m = model.get_submodule(name)
+        shape = tuple(m.weight.shape)
+        channels = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+        scale = bool(cfg and cfg.awq)
+        base += layer_bytes(d["weight"], shape, m.bias is not None, channels, scale, 0) - _count(m.weight) - (
+            0 if m.bias is None else _count(m.bias))
+        if cfg and cfg.budget is not None:
+            extra_cap += max(layer_bytes("int8", shape, False, 0, False, 0) - layer_bytes(d["weight"], shape, False, 0, False, 0),
+                             0) if "int8" in cfg.budget_options else 0
+            if "rank" in cfg.budget_options:
+                extra_cap += layer_bytes(d["weight"], shape, False, 0, False, cfg.max_rank) - layer_bytes(
+                    d["weight"], shape, False, 0, False, 0)
+    out = {"fp16_bytes": total, "bytes": base, "ratio": round(base / total, 4), "bound": "exact"}
+    if cfg and cfg.budget is not None:
+        cap = max(base, min(base + extra_cap, int(cfg.budget * total)))
+        out.update(bytes=cap, ratio=round(cap / total, 4), bound="≤ (budget cap)")
+    if cfg and cfg.awq:
+        out["bound"] = "≤ (scales on every layer)" if out["bound"] == "exact" else out["bound"]
+    return out
+
+
+def _ci(ci) -> dict:
+    return {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
+
+
+def _span(seeds):
+    return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else seeds
+
+
+def _fp16_ref_bytes(unet) -> int:
+    return sum(_count(t) for t in [*unet.parameters(), *unet.buffers()])
+
+
+def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20, scheduler="normal", budget=0.30,
+        step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False):
+    check_disjoint(calib_seeds, seeds)
+    ref = load_reference()
+    grid = ref.denoiser.sigmas
+    labels, calib_labels = labels_for(seeds, classes), labels_for(calib_seeds, classes)
+    fp16_ref = _fp16_ref_bytes(ref.unet)
+    sd15 = {}
+    rows, images, collections = [], {}, []
+    for sampler in samplers:
+        for cfg_scale in cfgs:
+            rc = RunConfig(sampler, scheduler, steps, cfg_scale, batch_size).validate()
+            sigmas = get_sigmas(scheduler, grid, steps)
+            t0 = time.perf_counter()
+            lat_fp = sample_latents(ref.denoiser, rc, seeds, labels, grid)
+            img_fp = decode(ref.autoencoder, lat_fp)
+            images[(sampler, cfg_scale, "FP")] = img_fp
+            log(f"# {sampler} cfg {cfg_scale}: FP sampled in {time.perf_counter() - t0:.1f} s")
+            x0 = start_latent(initial_noise(calib_seeds, LATENT), sigmas, grid)
+            extra = {"cond": calib_labels, "cfg_scale": cfg_scale}
+            factory = lambda idx: PerSampleNoise([calib_seeds[i] for i in idx], LATENT)  # noqa: E731
+            weight = None if step_weight == 1.0 else early_weight(step_weight)
+            col = collect_inputs(ref.denoiser, ref.denoiser.unet, SAMPLERS[sampler], x0, sigmas, extra,
+                                 noise_sampler_factory=factory, step_weight=weight, batch_size=16)
+            collections.append({"sampler": sampler, "cfg": cfg_scale, "seconds": round(col["seconds"], 1),
+                                "peak_stats_bytes": col["peak_stats_bytes"], "n_fit": col["n_fit"], "n_hold": col["n_hold"]})
+            log(f"# {sampler} cfg {cfg_scale}: input statistics of {len(calib_seeds)} calibration samples in "
+                f"{col['seconds']:.1f} s ({col['peak_stats_bytes'] / 2**20:.0f} MiB)")
+            probe_set = None
+            for preset in presets:
+                base = None
+                for method in methods:
+                    mcfg = method_config(method, budget, outlier_ratio)
+                    qd = copy.deepcopy(ref.denoiser)
+                    t1 = time.perf_counter()
+                    report = None
+                    if mcfg is None:
+                        quantize_model(qd.unet, preset)
+                    else:
+                        probe = None
+                        if mcfg.budget is not None:
+                            if probe_set is None:
+                                probe_set = probe_calls(SAMPLERS[sampler], x0, sigmas, extra, samples=PROBE_SAMPLES,
+                                                        noise_sampler_factory=factory, denoiser=ref.denoiser)
+                            probe = layer_probe(qd, qd.unet, probe_set, weight)
+                        report = quantize_calibrated(qd.unet, preset, col["layers"], mcfg, sensitivity=probe)
+                    solve = time.perf_counter() - t1
+                    qden = SigmaScopedDenoiser(qd, qd.unet)
+                    t2 = time.perf_counter()
+                    lat = sample_latents(qden, rc, seeds, labels, grid)
+                    img = decode(ref.autoencoder, lat)
+                    per = per_sample_metrics(lat, lat_fp, img, img_fp)
+                    row = {"preset": preset, "method": method, "sampler": sampler, "cfg": cfg_scale,
+                           **summary(lat, lat_fp, img, img_fp, labels, ref.classifier),
+                           "bytes_ratio": round(resident_bytes(copy.deepcopy(qd.unet).half()) / fp16_ref, 4),
+                           "calib_seconds": 0.0 if mcfg is None else round(col["seconds"] + solve, 1),
+                           "solve_seconds": round(solve, 1), "sample_seconds": round(time.perf_counter() - t2, 1)}
+                    key = (preset, method)
+                    if key not in sd15:
+                        sd15[key] = sd15_bytes_ratio(preset, mcfg)
+                    row["sd15_bytes_ratio"] = sd15[key]["ratio"]
+                    row["sd15_bound"] = sd15[key]["bound"]
+                    if report is not None:
+                        row["summary"] = report["summary"]
+                        if report.get("allocation"):
+                            a = report["allocation"]
+                            row["allocation"] = {k: a[k] for k in ("int8", "ranks", "spent_bytes", "weighting") if k in a}
+                            if "note" in a:
+                                row["allocation"]["note"] = a["note"]
+                    if method == "rtn":
+                        base = per
+                    else:
+                        mse, mse_b = per["latent_mse"], base["latent_mse"]
+                        ratio = mse / mse_b.clamp_min(1e-30)
+                        row["gap_closed"] = _ci(paired_bootstrap_ci(mse.numpy(), mse_b.numpy(), stat="ratio"))
+                        row["psnr_delta"] = _ci(paired_bootstrap_ci(per["psnr"].numpy(), base["psnr"].numpy()))
+                        row["median_gap_closed"] = float((1 - ratio).median())
+                        row["worst_ratio"] = float(ratio.max())
+                        row["worse_share"] = float((ratio > 1).double().mean())
+                    if keep_images:
+                        images[(sampler, cfg_scale, preset, method)] = img
+                    rows.append(row)
+                    log(f"# {sampler} cfg {cfg_scale}: {preset} {method} in {solve:.1f} s + sampling "
+                        f"{row['sample_seconds']:.1f} s")
+    res = {"steps": steps, "scheduler": scheduler, "n": len(seeds), "seeds": _span(seeds),
+           "calib_seeds": _span(calib_seeds), "classes": classes, "budget": budget, "step_weight": step_weight,
+           "outlier_ratio": outlier_ratio, "best": BEST, "collections": collections, "rows": rows,
+           "sd15": {f"{p}/{m}": v for (p, m), v in sd15.items()}}
+    if keep_images:
+        res["images"] = images
+    return res
+
+
+def _fmt_ci(ci, pct=True):
+    if not ci:
+        return "-"
+    k = 100 if pct else 1
+    return f"{k * ci['estimate']:+.1f} [{k * ci['low']:+.1f}, {k * ci['high']:+.1f}]"
+
+
+def table_rows(res: dict) -> list[list]:
+    out = []
+    for r in res["rows"]:
+        rtn = r["method"] == "rtn"
+        out.append([r["preset"], r["method"], r["sampler"], f"{r['cfg']:g}", f"{r['latent_mse']:.5f}",
+                    f"{r['psnr']:.2f}", f"{r['fid_to_fp']:.3f}", f"{100 * r['class_acc']:.1f}",
+                    "-" if rtn else _fmt_ci(r["gap_closed"]), "-" if rtn else f"{100 * r['median_gap_closed']:+.1f}",
+                    "-" if rtn else _fmt_ci(r["psnr_delta"], pct=False),
+                    "-" if rtn else f"{r['worst_ratio']:.2f}", "-" if rtn else f"{100 * r['worse_share']:.0f}",
+                    f"{r['bytes_ratio']:.4f}", ("≤" if r["sd15_bound"] != "exact" else "") + f"{r['sd15_bytes_ratio']:.4f}",
+                    f"{r['calib_seconds']:.0f}"])
+    return out
+
+
+HEADERS = ["preset", "method", "sampler", "cfg", "latent MSE", "PSNR dB", "FID-to-FP", "acc %",
+           "gap closed vs RTN % [95% CI]", "median gap %", "ΔPSNR dB [95% CI]", "worst ratio", "worse %",
+           "bytes × fp16", "SD1.5 bytes × fp16", "calib s"]
+
+
+def print_result(res: dict) -> None:
+    print(f"calibrated quantizers vs round-to-nearest — reference model, {res['scheduler']} schedule, {res['steps']} "
+          f"steps, N={res['n']}, seeds {res['seeds']}; input statistics from calibration seeds {res['calib_seeds']}"
+          f" (early-step weight {res['step_weight']:g}), budget {res['budget']:g}× fp16")
+    print_table(HEADERS, table_rows(res))
+    for r in res["rows"]:
+        if "summary" in r:
+            line = f"{r['preset']} {r['method']} {r['sampler']} cfg {r['cfg']:g}: {r['summary']}"
+            if "allocation" in r:
+                a = r["allocation"]
+                spent = a.get("note") or f"{len(a['int8'])} int8, ranks {a['ranks']}"
+                line += f"; budget: {spent}"
+            print(line)
+
+
+def main(args) -> int:
+    set_threads(args.threads)
+    res = run(parse_presets(args.preset), parse_methods(args.methods), args.sampler.split(","),
+              [float(c) for c in args.cfg.split(",")] if args.cfg else [load_reference().default_cfg],
+              parse_int_list(args.seeds), parse_int_list(args.calib_seeds), parse_int_list(args.classes),
+              args.steps, args.scheduler, args.budget, args.step_weight, args.outlier_ratio or None, args.batch)
+    print_result(res)
+    if args.json:
+        emit_json(res)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("quantizers", help="calibrated weight quantizers (GPTQ, AWQ, low-rank, budget) vs round-to-nearest")
+    p.add_argument("--preset", default="W4A8", help="comma-separated presets, or 'all'")
+    p.add_argument("--methods", default="rtn,gptq,best", help=f"comma-separated: {', '.join(METHODS)}")
+    p.add_argument("--sampler", default="euler", help="comma-separated samplers")
+    p.add_argument("--scheduler", default="normal")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", default=None, help="comma-separated CFG scales (default: the reference model's)")
+    p.add_argument("--seeds", default="1000-1127", help="evaluation seeds")
+    p.add_argument("--calib-seeds", default="0-31", help="calibration seeds (must not overlap --seeds)")
+    p.add_argument("--classes", default="0-9", help="class labels, cycled over the seeds")
+    p.add_argument("--budget", type=float, default=0.30, help="byte budget of the budgeted methods, × the model's fp16 bytes")
+    p.add_argument("--step-weight", type=float, default=1.0,
+                   help="weight of the calibration inputs of steps with σ ≥ 3 (the first 7 of 20), others 1")
+    p.add_argument("--outlier-ratio", type=float, default=1000.0,
+                   help="channel |x| max/median from which a layer keeps 16-bit activations (0: off)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.set_defaults(func=main)

@@ -1,0 +1,64 @@
+"""qcorrect bench quantizers: calibrated quantizers against round-to-nearest (issue 11)."""
+
+import json
+
+import pytest
+import torch
+
+from qcorrect.bench import memory, quantizers
+from qcorrect.bench.pipeline import RunConfig, labels_for, quantized_denoiser, sample_latents
+from qcorrect.evaluation import latent_mse
+from qcorrect.reference.model import load_reference
+
+SEEDS, CALIB, CLASSES = [1000, 1001, 1002, 1003], [0, 1, 2, 3, 4, 5, 6, 7], [3, 7]
+SMALL = dict(steps=3, batch_size=4, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def result():
+    return quantizers.run(["W4A16"], ["rtn", "gptq", "gptq_budget"], ["euler"], [3.0], SEEDS, CALIB, CLASSES,
+                          budget=0.33, **SMALL)
+
+
+def test_evaluation_seeds_are_never_calibration_seeds():
+    with pytest.raises(SystemExit, match="overlap"):
+        quantizers.run(["W4A16"], ["rtn", "gptq"], ["euler"], [3.0], SEEDS, [1, 1000], CLASSES, **SMALL)
+
+
+def test_rows_compare_every_method_with_round_to_nearest_on_the_same_samples(result):
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["rtn", "gptq", "gptq_budget"]
+    # the baseline row is plain round-to-nearest sampled like bench quality does
+    ref = load_reference()
+    rc = RunConfig("euler", "normal", 3, 3.0, 4).validate()
+    labels = labels_for(SEEDS, CLASSES)
+    fp = sample_latents(ref.denoiser, rc, SEEDS, labels, ref.denoiser.sigmas)
+    q = sample_latents(quantized_denoiser(ref.denoiser, "W4A16"), rc, SEEDS, labels, ref.denoiser.sigmas)
+    assert rows["rtn"]["latent_mse"] == pytest.approx(float(latent_mse(q, fp).mean()), rel=1e-5)
+    g = rows["gptq"]
+    assert g["gap_closed"]["low"] <= g["gap_closed"]["estimate"] <= g["gap_closed"]["high"]
+    assert g["gap_closed"]["estimate"] == pytest.approx(1 - g["latent_mse"] / rows["rtn"]["latent_mse"], rel=1e-6)
+    assert 0 <= g["worse_share"] <= 1 and g["worst_ratio"] > 0
+    assert g["bytes_ratio"] == rows["rtn"]["bytes_ratio"]  # GPTQ costs no byte
+    assert g["calib_seconds"] > 0 and "GPTQ" in g["summary"]
+    b = rows["gptq_budget"]
+    assert rows["rtn"]["bytes_ratio"] < b["bytes_ratio"] <= 0.33 and b["allocation"]["weighting"] == "measured sensitivity"
+    assert result["collections"][0]["n_hold"] == 2 and result["collections"][0]["n_fit"] == 6
+
+
+def test_sd15_bytes_match_bench_memory_and_the_budget_caps_them(result):
+    rows = {r["method"]: r for r in result["rows"]}
+    want = memory.run(["W4A16"])["presets"]["W4A16"]["ratio_to_fp16"]
+    assert rows["rtn"]["sd15_bytes_ratio"] == pytest.approx(want, abs=1e-4) and rows["rtn"]["sd15_bound"] == "exact"
+    assert rows["gptq"]["sd15_bytes_ratio"] == rows["rtn"]["sd15_bytes_ratio"]
+    assert rows["gptq_budget"]["sd15_bytes_ratio"] <= 0.33
+
+
+def test_the_table_and_the_json_line(result, capsys):
+    quantizers.print_result(result)
+    out = capsys.readouterr().out
+    assert "calibrated quantizers vs round-to-nearest" in out and "W4A16 gptq_budget euler cfg 3: " in out
+    table = quantizers.table_rows(result)
+    assert [r[1] for r in table] == ["rtn", "gptq", "gptq_budget"] and table[2][14].startswith("≤")
+    assert len(table[0]) == len(quantizers.HEADERS)
+    assert json.loads(json.dumps(result))["rows"][1]["method"] == "gptq"
