@@ -16,8 +16,12 @@ inputs unfolded to ``in·kh·kw`` columns, as GPTQ treats convs), plus per-chann
   registration order, into groups whose sums fit, and the calibration set is sampled once per group
   (sampling is deterministic, so every group sees the same trajectories): the peak is one group's
   sums plus one unfold chunk. Unfolded rows are processed in chunks of at most ``chunk_elems``
-  values; ``max_rows`` keeps a random subset of rows per call (deterministic generator) when a call
-  has more.
+  values.
+* **Cost**: accumulating ``x xᵀ`` costs ``rows·K²`` per call, far more than the forward pass for the
+  wide convolutions at high resolution. ``rows_per_k`` caps each layer's rows at about
+  ``rows_per_k·K`` in total (spread evenly over the calls: a random share of every call's rows,
+  deterministic generator, at least 64 per call), which bounds the cost by ``rows_per_k·K³`` per
+  layer whatever the calibration set's size; ``max_rows`` caps every call at that many rows.
 
 Hooks are installed on the given layers only, inside a scope, and removed on exit (also on error).
 A non-finite input raises :class:`CalibrationError` naming the layer and σ: a model that produces
@@ -49,7 +53,7 @@ def early_weight(factor: float, sigma_min: float = 3.0) -> Callable[[float], flo
 class _Accumulator:
     """Forward pre-hooks that stream the inputs of ``layers`` into :class:`LayerInputs`."""
 
-    def __init__(self, layers: dict[str, nn.Module], max_rows: int | None, chunk_elems: int, seed: int) -> None:
+    def __init__(self, layers: dict[str, nn.Module], max_rows: dict[str, int | None], chunk_elems: int, seed: int) -> None:
         self.layers = layers
         self.stats = {n: LayerInputs.empty(_kind(m), _k(m), _channels(m)) for n, m in layers.items()}
         self.weight = 1.0
@@ -104,9 +108,13 @@ class _Accumulator:
         self.wcalls[name] += self.weight * x.shape[0]
         h = s.h_fit if self.split == "fit" else s.h_hold
         rows_total = 0
-        for rows in self._rows(module, x, s):
-            if self.max_rows and rows.shape[0] > self.max_rows:
-                rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[: self.max_rows]]
+        cap = self.max_rows.get(name)
+        chunks = list(self._rows(module, x, s))
+        n_rows = sum(r.shape[0] for r in chunks)
+        for rows in chunks:
+            if cap and n_rows > cap:  # a random share of this call's rows, the same share of every chunk
+                keep = max(1, round(rows.shape[0] * cap / n_rows))
+                rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[:keep]]
             h.addmm_(rows.T, rows, alpha=self.weight)
             rows_total += rows.shape[0]
         if self.split == "fit":
@@ -180,7 +188,8 @@ def calibration_layers(module: nn.Module, names=None) -> dict[str, nn.Module]:
 def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor, sigmas: torch.Tensor,
                    extra: dict | None = None, *, layers=None, noise_sampler_factory=None, holdout_every: int = 4,
                    batch_size: int = 16, step_weight: Callable[[float], float] | None = None,
-                   max_bytes: int | None = None, max_rows: int | None = None, chunk_elems: int = 1 << 24,
+                   max_bytes: int | None = None, max_rows: int | None = None, rows_per_k: float | None = None,
+                   chunk_elems: int = 1 << 24,
                    seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict:
     """Sample ``denoiser`` (FP, the denoiser protocol) from ``x_init`` ``[N, C, H, W]`` over ``sigmas``
     with ``sample_fn`` and return ``{"layers": {name: LayerInputs}, "seconds", "passes", "peak_stats_bytes",
@@ -215,8 +224,13 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
     result: dict[str, LayerInputs] = {}
     total = len(groups) * len(batches)
     done = 0
+    calls = len(batches) * (int(sigmas.numel()) - 1)  # one model call per step (euler, ancestral, dpmpp_2m)
+    caps = {}
+    for name, m in chosen.items():
+        c = [v for v in (max_rows, None if not rows_per_k else max(64, int(rows_per_k * _k(m) / calls + 1))) if v]
+        caps[name] = min(c) if c else None
     for group in groups:
-        acc = _Accumulator({g: chosen[g] for g in group}, max_rows, chunk_elems, seed)
+        acc = _Accumulator({g: chosen[g] for g in group}, caps, chunk_elems, seed)
 
         def model(x, sigma, **ex):
             s = float(sigma.reshape(-1)[0])

@@ -115,3 +115,19 @@ def test_nan_activations_are_a_clear_error_and_leave_no_hook():
     assert not net.conv._forward_pre_hooks and not net.lin._forward_pre_hooks
     with pytest.raises(CalibrationError, match="latents contain NaN"):
         collect_inputs(Denoiser(Net()), Net(), sample_euler, start().fill_(float("inf")), SIGMAS)
+
+
+@torch.no_grad()
+def test_row_caps_keep_a_random_share_of_every_call():
+    net = Net()
+    x0 = start(8)
+    capped = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, batch_size=2, max_rows=5)
+    calls_fit = 3 * 3  # 6 fit samples in batches of 2, 3 steps
+    assert capped["layers"]["conv"].rows_fit == 5 * calls_fit and capped["layers"]["lin"].rows_fit == 5 * calls_fit
+    full = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, batch_size=2)
+    # a share of the rows: positive semi-definite and below the full sum on the diagonal
+    c, f = capped["layers"]["conv"].h_fit, full["layers"]["conv"].h_fit
+    assert torch.linalg.eigvalsh(c.double()).min() > -1e-3 and (torch.diagonal(c) <= torch.diagonal(f) + 1e-4).all()
+    # rows_per_k spreads about rows_per_k·K rows over the calls (at least 64 per call)
+    big = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, batch_size=2, rows_per_k=1000)
+    assert big["layers"]["conv"].rows_fit == full["layers"]["conv"].rows_fit
