@@ -184,9 +184,25 @@ def build(ref, name: str, preset: str, weights, rc_cal: RunConfig, calib_seeds, 
     return qden, info
 
 
+def shifted(calib_seeds: list[int], k: int) -> list[int]:
+    """Calibration set ``k`` (1-based): the calibration seeds shifted by (k − 1) × their count."""
+    return [s + (k - 1) * len(calib_seeds) for s in calib_seeds]
+
+
+def _variants(configs, estimators, calib_sets):
+    for name in configs:
+        for est in (estimators[:1] if name == "dynamic" else estimators):
+            for k in range(1, 1 + (1 if name == "dynamic" else calib_sets)):
+                yield name, est, k
+
+
+def _key(name, est, k, first_est):
+    return name + ("" if est == first_est else f"@{est}") + ("" if k == 1 else f"#{k}")
+
+
 def run(presets, seeds, classes, calib_seeds, calib_classes, *, sampler="euler", scheduler="normal", steps=20,
         calib_steps=None, cfg=None, relax=0.2, bits=10, estimator="mse", configs=CONFIGS, methods=(),
-        weights=None, batch_size=64, cost=True, log=print) -> dict:
+        weights=None, batch_size=64, cost=True, calib_sets=1, log=print) -> dict:
     if not 0.0 <= relax <= 1.0:
         raise SystemExit(f"--relax is the fraction of relaxed steps, in [0, 1]; got {relax}")
     check_disjoint(calib_seeds, seeds)
@@ -198,6 +214,10 @@ def run(presets, seeds, classes, calib_seeds, calib_classes, *, sampler="euler",
     bad = [e for e in estimators if e not in METHODS]
     if bad or not estimators:
         raise SystemExit(f"unknown range estimator(s) {bad}; known: {', '.join(METHODS)}")
+    if calib_sets < 1:
+        raise SystemExit("--calib-sets must be at least 1")
+    for k in range(2, calib_sets + 1):
+        check_disjoint(shifted(calib_seeds, k), seeds)
     if methods and not {"fp", PCR} <= set(configs):
         raise SystemExit(f"--methods needs the 'fp' and '{PCR}' configurations (corrections on top of each)")
     ref = load_reference()
@@ -216,23 +236,25 @@ def run(presets, seeds, classes, calib_seeds, calib_classes, *, sampler="euler",
     rows, comparisons = [], []
     for preset in presets:
         evals, dens = {}, {}
-        for name in configs:
-            for est in (estimators[:1] if name == "dynamic" else estimators):
-                key = name if est == estimators[0] else f"{name}@{est}"
-                qden, info = build(ref, name, preset, weights, rc_cal, calib_seeds, calib_classes, est, relax,
-                                   bits, log)
-                warning = check_coverage(qden.quantized, eval_sigmas) if name != "dynamic" else None
-                if warning:
-                    log(f"# {preset} {key}: {warning}")
-                t1 = time.perf_counter()
-                lat = sample_latents(qden, rc, seeds, labels, grid)
-                evals[key] = _evaluate(ref, lat, lat_fp, img_fp, feat_fp, labels)
-                dens[key] = qden
-                info["avg_bits"] = average_bits(qden, eval_sigmas)  # on the evaluated schedule
-                rows.append({"preset": preset, "config": key, "method": "none",
-                             "estimator": None if name == "dynamic" else est, **info, **evals[key]["summary"],
-                             "coverage_warning": warning, "seconds": round(time.perf_counter() - t1, 1)})
-                log(f"# {preset} {key}: sampled in {rows[-1]['seconds']} s")
+        for name, est, k in _variants(configs, estimators, calib_sets):
+            key = _key(name, est, k, estimators[0])
+            cal_seeds = shifted(calib_seeds, k)
+            qden, info = build(ref, name, preset, weights, rc_cal, cal_seeds, calib_classes, est, relax,
+                               bits, log)
+            if k > 1:
+                info["calib_seeds"] = _span(cal_seeds)
+            warning = check_coverage(qden.quantized, eval_sigmas) if name != "dynamic" else None
+            if warning:
+                log(f"# {preset} {key}: {warning}")
+            t1 = time.perf_counter()
+            lat = sample_latents(qden, rc, seeds, labels, grid)
+            evals[key] = _evaluate(ref, lat, lat_fp, img_fp, feat_fp, labels)
+            dens[key] = qden
+            info["avg_bits"] = average_bits(qden, eval_sigmas)  # on the evaluated schedule
+            rows.append({"preset": preset, "config": key, "method": "none",
+                         "estimator": None if name == "dynamic" else est, **info, **evals[key]["summary"],
+                         "coverage_warning": warning, "seconds": round(time.perf_counter() - t1, 1)})
+            log(f"# {preset} {key}: sampled in {rows[-1]['seconds']} s")
         for method in methods:
             for base in ("fp", PCR):
                 stats, secs = calibrate_method(ref, dens[base], method, rc_cal, calib_seeds, calib_classes,
@@ -247,6 +269,9 @@ def run(presets, seeds, classes, calib_seeds, calib_classes, *, sampler="euler",
                 log(f"# {preset} {key}: corrections calibrated in {secs:.1f} s")
         pairs = list(PAIRS)
         pairs += [(f"{c}@{e}", c) for c in configs for e in estimators[1:] if c != "dynamic"]
+        for k in range(2, calib_sets + 1):  # calibration-set variability, and the main comparison again
+            pairs += [(f"{c}#{k}", c) for c in configs if c != "dynamic"]
+            pairs += [(f"{a}#{k}", f"{b}#{k}") for a, b in PAIRS if a != "dynamic" and b != "dynamic"]
         for method in methods:
             pairs += [(f"fp+{method}", "fp"), (PCR, "fp"), (f"{PCR}+{method}", "fp"), (f"{PCR}+{method}", PCR)]
         seen = set()
@@ -257,7 +282,7 @@ def run(presets, seeds, classes, calib_seeds, calib_classes, *, sampler="euler",
     res = {"sampler": sampler, "scheduler": scheduler, "steps": steps, "calib_steps": calib_steps or steps,
            "cfg": cfg_scale, "n": len(seeds), "seeds": _span(seeds), "classes": classes, "fp_class_acc": fp_acc,
            "calibration": {"seeds": _span(calib_seeds), "classes": calib_classes, "n": len(calib_seeds),
-                           "estimator": estimators[0], "estimators": estimators},
+                           "estimator": estimators[0], "estimators": estimators, "sets": calib_sets},
            "relax": relax, "relax_bits": bits, "weights": weights, "rows": rows, "comparisons": comparisons}
     if cost and presets:
         res["cost"] = dynamic_cost(ref, presets[-1], weights, rc, log)
@@ -342,7 +367,8 @@ def print_result(res: dict) -> None:
     print(f"PCR / QDiffBench-style — reference model, {res['sampler']}, {res['scheduler']} {res['steps']} steps "
           f"(ranges calibrated at {res['calib_steps']}), cfg {res['cfg']}, N={res['n']} seeds {res['seeds']} "
           f"classes {res['classes']}; ranges ({', '.join(c['estimators'])}) calibrated on {c['n']} seeds {c['seeds']} classes "
-          f"{c['classes']}; relax {res['relax']:.0%} at A{res['relax_bits']}")
+          f"{c['classes']}" + (f" (and {c['sets'] - 1} more disjoint set(s) of as many seeds, rows '#k')" if c.get("sets", 1) > 1
+                                 else "") + f"; relax {res['relax']:.0%} at A{res['relax_bits']}")
     table = []
     for r in res["rows"]:
         cal = r.get("calibration")
@@ -379,7 +405,7 @@ def main(args) -> int:
               estimator=[e.strip() for e in args.estimator.split(",") if e.strip()],
               configs=[c.strip() for c in args.configs.split(",") if c.strip()],
               methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else (),
-              weights=args.weights, batch_size=args.batch, cost=not args.no_cost)
+              weights=args.weights, batch_size=args.batch, cost=not args.no_cost, calib_sets=args.calib_sets)
     print_result(res)
     if args.json:
         emit_json(res)
@@ -394,6 +420,9 @@ def add_parser(sub) -> None:
     p.add_argument("--classes", default="5-9", help="evaluation classes, cycled over the seeds")
     p.add_argument("--calib-seeds", default="0-255", help="calibration seeds (disjoint from --seeds)")
     p.add_argument("--calib-classes", default="0-4", help="calibration classes")
+    p.add_argument("--calib-sets", type=int, default=1,
+                   help="calibrate every static configuration on this many disjoint calibration sets (set k = "
+                        "--calib-seeds shifted by (k-1)×their count; rows 'name#k'), to measure calibration-set noise")
     p.add_argument("--relax", type=float, default=0.2, help="fraction of relaxed steps, in [0, 1]")
     p.add_argument("--bits", type=int, default=10, help="activation bit-width of the relaxed steps (10 or 16)")
     p.add_argument("--estimator", default="mse",

@@ -88,3 +88,16 @@ def test_average_bits_are_counted_on_the_evaluated_schedule():
     other = get_sigmas("normal", ref.denoiser.sigmas, 20)
     inside = sum(1 for s in other[:-1] if float(s) <= schedule[0][1])
     assert pcr.average_bits(qden, other) == pytest.approx((inside * 10 + (20 - inside) * 8) / 20)
+
+
+def test_more_calibration_sets_are_disjoint_and_compared():
+    with pytest.raises(SystemExit, match="overlap"):
+        pcr.run(["W8A8"], [4, 5, 6, 7], CLASSES, [0, 1, 2, 3], [0], calib_sets=2, **SMALL)
+    res = pcr.run(["W8A8"], SEEDS, CLASSES, CALIB, [0], configs=["fp", "progressive"], calib_sets=2, **SMALL)
+    rows = {r["config"]: r for r in res["rows"]}
+    assert list(rows) == ["fp", "fp#2", "progressive", "progressive#2"]
+    assert rows["fp#2"]["calib_seeds"] == "4-7" and "calib_seeds" not in rows["fp"]
+    assert rows["fp#2"]["latent_mse"] != rows["fp"]["latent_mse"]
+    pairs = [(c["a"], c["b"]) for c in res["comparisons"]]
+    assert pairs == [("progressive", "fp"), ("fp#2", "fp"), ("progressive#2", "progressive"),
+                     ("progressive#2", "fp#2")]
