@@ -3,7 +3,7 @@
 ComfyUI prepares a model for sampling in its guider (models loaded to the device, conditioning
 encoded for that model). :class:`DualModelGuider` — the pattern of core's ``Guider_DualModel`` —
 prepares *both* models and answers ``guider(x, σ)`` with the quantized model's or the FP model's
-post-CFG denoised value, as ``which`` says. :class:`CalibrationSampler` is a ComfyUI ``Sampler``:
+post-CFG denoised value, as ``which`` says. :class:`GuidedRun` is a ComfyUI ``Sampler``:
 ComfyUI calls it with the prepared guider, and it runs the library's collector
 (``calibration.collect.calibrate`` or, for "auto", ``validate.calibrate_checked`` with its
 cross-fitted end-to-end check) over the whole calibration set, with two denoisers that call the
@@ -32,8 +32,10 @@ from comfy_api.latest import io, ui
 
 from ..calibration import CalibrationConfig, calibrate
 from ..calibration.methods import USER_METHODS, calibration_engine
+from ..calibration.ranges import calibrate_activation_ranges
 from ..calibration.validate import calibrate_checked
 from ..quant import QuantizationError
+from ..quant.activations import ActQuantizer
 from . import patching
 from .sampling import stats_summary
 from .types import STATS_FOLDER, Stats, output_path, shown_path
@@ -89,25 +91,31 @@ class DualModelGuider(comfy.samplers.CFGGuider):
         return super().predict_noise(x, timestep, model_options, seed)
 
 
-class CalibrationSampler(comfy.samplers.Sampler):
-    """Runs the collector over the whole set inside the guider's prepared context."""
+class GuidedRun(comfy.samplers.Sampler):
+    """A ComfyUI ``Sampler`` that hands a job the prepared guider's denoisers.
 
-    def __init__(self, job: dict):
-        self.job = job
+    ComfyUI calls :meth:`sample` inside the guider's prepared context (models loaded, conditioning
+    encoded); the job gets ``q`` and ``fp`` denoisers (``model(x, σ)`` → post-CFG denoised; ``fp`` only
+    with a :class:`DualModelGuider`), the starting latents of the whole set ``x_init`` (ComfyUI's noise
+    scaling of ``noise`` on ``latent``), the schedule and the model's training σ grid. Every model call
+    is an interruption point and advances one progress bar of ``calls`` steps.
+    """
+
+    def __init__(self, job, noise: torch.Tensor, latent: torch.Tensor, calls: int):
+        self.job, self.noise, self.latent, self.calls = job, noise, latent, max(1, int(calls))
         self.result = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
-        job = self.job
         device = noise.device
         ms = model_wrap.inner_model.model_sampling
-        noise_all = job["noise"].to(device=device, dtype=noise.dtype)
-        lat = job["latent"].to(device=device, dtype=noise.dtype)
+        noise_all = self.noise.to(device=device, dtype=noise.dtype)
+        lat = self.latent.to(device=device, dtype=noise.dtype)
         if torch.count_nonzero(lat) > 0:
             lat = model_wrap.inner_model.process_latent_in(lat)
         x_init = ms.noise_scaling(sigmas[0], noise_all, lat, self.max_denoise(model_wrap, sigmas))
-        pbar = comfy.utils.ProgressBar(job["calls"])
-        calls = [0]
+        pbar = comfy.utils.ProgressBar(self.calls)
+        done = [0]
 
         def denoiser(which):
             def call(x, sigma, **_):
@@ -116,28 +124,37 @@ class CalibrationSampler(comfy.samplers.Sampler):
                     out = model_wrap(x, sigma, model_options=extra_args["model_options"], seed=extra_args.get("seed"))
                 finally:
                     model_wrap.which = "q"
-                calls[0] += 1
-                pbar.update_absolute(min(calls[0], job["calls"]), job["calls"])
+                done[0] += 1
+                pbar.update_absolute(min(done[0], self.calls), self.calls)
                 return out
             return call
 
-        q_den, fp_den = denoiser("q"), denoiser("fp")
-        grid = ms.sigmas.detach().float().cpu()
-        if job["method"] == "auto":
-            seed, shape = job["seed"], tuple(noise_all.shape[1:])
-
-            def noise_factory(a, b):
-                gen = torch.Generator(device="cpu").manual_seed(seed + 1 + a)
-                return lambda s, s_next: torch.randn((b - a, *shape), generator=gen).to(device=device,
-                                                                                     dtype=noise_all.dtype)
-            self.result = calibrate_checked(
-                fp_den, q_den, noise_all, sigmas, {}, engine=job["engine"], sample_fn=job["sample_fn"],
-                sampler_name=job["sampler"], x_init=x_init, folds=AUTO_FOLDS, noise_factory=noise_factory,
-                config=job["config"], grid_sigmas=grid, meta=job["meta"], calibrate_from_x_init=True)
-        else:
-            self.result = calibrate(fp_den, q_den, noise_all, sigmas, {}, engine=job["engine"], config=job["config"],
-                                    grid_sigmas=grid, meta=job["meta"], x_init=x_init)
+        dual = isinstance(model_wrap, DualModelGuider)
+        self.result = self.job(q=denoiser("q"), fp=denoiser("fp") if dual else None, x_init=x_init, sigmas=sigmas,
+                               grid=ms.sigmas.detach().float().cpu())
         return latent_image if latent_image is not None else noise
+
+
+def ancestral_noise(seed: int, shape: tuple, device, dtype):
+    """``factory(a, b)`` → a noise sampler for samples a..b of the set, seeded ``seed + 1 + a``."""
+    def factory(a, b):
+        gen = torch.Generator(device="cpu").manual_seed(seed + 1 + a)
+        return lambda s, s_next: torch.randn((b - a, *shape), generator=gen).to(device=device, dtype=dtype)
+    return factory
+
+
+def calibration_set(model, latent_image: dict, seed: int, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batches`` copies of the latent batch and their noise (batch i seeded ``seed + i``)."""
+    latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"],
+                                                    latent_image.get("downscale_ratio_spacial", None))
+    noise = torch.cat([comfy.sample.prepare_noise(latent, int(seed) + i) for i in range(int(batches))])
+    return latent.repeat(int(batches), *([1] * (latent.ndim - 1))), noise
+
+
+def needs_static_ranges(model) -> bool:
+    """Whether the model has static-mode activation quantizers without calibrated ranges."""
+    return any(getattr(m, "mode", None) == "static" and len(m.range_sigmas) == 0
+               for m in patching.diffusion_model(model).modules() if isinstance(m, ActQuantizer))
 
 
 def check_pair(fp_model, q_model) -> tuple[str, str]:
@@ -200,7 +217,11 @@ class CalibrateErrors(io.ComfyNode):
                                        "end-to-end check)."),
                 io.String.Input("filename", default="calibration/stats"),
             ],
-            outputs=[Stats.Output()],
+            outputs=[Stats.Output(),
+                     io.Model.Output(display_name="quantized_model",
+                                     tooltip="The quantized model the statistics belong to: the input, or — when its "
+                                             "activations are static — a copy with its per-σ ranges calibrated "
+                                             "(connect this one to the sampler).")],
         )
 
     @classmethod
@@ -209,38 +230,60 @@ class CalibrateErrors(io.ComfyNode):
         if sampler not in CALIBRATION_SAMPLERS:
             raise QuantizationError(f"calibration steps {', '.join(CALIBRATION_SAMPLERS)}; got {sampler!r}")
         path = output_path(STATS_FOLDER, filename)
-        f_fp, f_q = check_pair(fp_model, quantized_model)
+        f_fp, _ = check_pair(fp_model, quantized_model)
+        ranges = needs_static_ranges(quantized_model)
+        # static activations are calibrated on a copy: the input MODEL stays as it was
+        q_patcher = patching.new_model_patcher(quantized_model, patching.copy_model(quantized_model)) if ranges \
+            else quantized_model
         engine, acc = calibration_engine(methods)
-        latent = comfy.sample.fix_empty_latent_channels(quantized_model, latent_image["samples"],
-                                                        latent_image.get("downscale_ratio_spacial", None))
-        bs, n_batches = latent.shape[0], int(batches)
-        noise = torch.cat([comfy.sample.prepare_noise(latent, int(seed) + i) for i in range(n_batches)])
-        latents = latent.repeat(n_batches, *([1] * (latent.ndim - 1)))
-        sigmas = comfy.samplers.KSampler(quantized_model, steps=steps, device=quantized_model.load_device,
-                                         sampler=sampler, scheduler=scheduler, denoise=denoise).sigmas
-        n_steps, n = sigmas.shape[-1] - 1, noise.shape[0]
-        per_step = 3 if engine.latent_method != "none" else 2
-        total = n_steps * math.ceil(n / bs) * per_step + (3 * n_steps * (math.ceil(n / bs) + AUTO_FOLDS)
-                                                        if methods == "auto" else 0)
-        job = {
-            "noise": noise, "latent": latents, "method": methods, "engine": engine, "seed": int(seed),
-            "sampler": "euler" if sampler == "ddim" else sampler, "calls": max(1, total),
-            "sample_fn": comfy.samplers.sampler_object(sampler).sampler_function,
-            "config": CalibrationConfig(mode="progressive", sampler="euler" if sampler == "ddim" else sampler, acc=acc,
-                                        batch_size=bs, seed=int(seed)),
-            "meta": {"model_fingerprint": f_fp, "quant_fingerprint": f_q, "quantization": quantization_label(quantized_model),
-                     "prediction": patching.prediction_type(quantized_model), "scheduler": scheduler, "cfg": float(cfg),
-                     "denoise": float(denoise)},
-        }
-        guider = DualModelGuider(quantized_model, fp_model)
+        latents, noise = calibration_set(q_patcher, latent_image, seed, batches)
+        bs, n = latent_image["samples"].shape[0], noise.shape[0]
+        sigmas = comfy.samplers.KSampler(q_patcher, steps=steps, device=q_patcher.load_device, sampler=sampler,
+                                         scheduler=scheduler, denoise=denoise).sigmas
+        n_steps, chunks = sigmas.shape[-1] - 1, math.ceil(n / bs)
+        calls = n_steps * chunks * (3 if engine.latent_method != "none" else 2)
+        calls += 3 * n_steps * (chunks + AUTO_FOLDS) if methods == "auto" else 0
+        calls += 2 * n_steps * chunks if ranges else 0
+        name = "euler" if sampler == "ddim" else sampler
+        sample_fn = comfy.samplers.sampler_object(sampler).sampler_function
+        config = CalibrationConfig(mode="progressive", sampler=name, acc=acc, batch_size=bs, seed=int(seed))
+        report = {}
+
+        def job(q, fp, x_init, sigmas, grid):
+            dm = patching.diffusion_model(q_patcher)
+            if ranges:  # PCR's progressive calibration, on this model's own trajectory (ALGORITHMS.md §6)
+                opts = {"noise_sampler": ancestral_noise(int(seed), tuple(x_init.shape[1:]), x_init.device,
+                                                         x_init.dtype)(0, n)} if name == "euler_ancestral" else {}
+                report["ranges"] = calibrate_activation_ranges(q, dm, x_init, sigmas, {}, sample_fn=sample_fn,
+                                                               trajectory="progressive", batch_size=bs,
+                                                               missing="dynamic", sampler_opts=opts, seed=int(seed))
+            meta = {"model_fingerprint": f_fp, "quant_fingerprint": patching.fingerprint(q_patcher),
+                    "quantization": quantization_label(q_patcher), "prediction": patching.prediction_type(q_patcher),
+                    "scheduler": scheduler, "cfg": float(cfg), "denoise": float(denoise)}
+            noise_dev = noise.to(x_init)
+            if methods == "auto":
+                return calibrate_checked(
+                    fp, q, noise_dev, sigmas, {}, engine=engine, sample_fn=sample_fn, sampler_name=name, x_init=x_init,
+                    folds=AUTO_FOLDS, noise_factory=ancestral_noise(int(seed), tuple(x_init.shape[1:]), x_init.device,
+                                                                    x_init.dtype),
+                    config=config, grid_sigmas=grid, meta=meta, calibrate_from_x_init=True)
+            return calibrate(fp, q, noise_dev, sigmas, {}, engine=engine, config=config, grid_sigmas=grid,
+                             meta=meta, x_init=x_init)
+
+        guider = DualModelGuider(q_patcher, fp_model)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
-        calib = CalibrationSampler(job)
-        guider.sample(noise[:bs], latent, calib, sigmas, disable_pbar=True, seed=int(seed))
-        stats = calib.result
+        run = GuidedRun(job, noise, latents, calls)
+        guider.sample(noise[:bs], latents[:bs], run, sigmas, disable_pbar=True, seed=int(seed))
+        stats = run.result
         stats.save(path)
-        text = f"saved models/{shown_path(STATS_FOLDER, path)}\n{stats_summary(stats)}"
-        return io.NodeOutput(stats, ui=ui.PreviewText(text))
+        lines = [f"saved models/{shown_path(STATS_FOLDER, path)}", stats_summary(stats)]
+        if "ranges" in report:
+            r = report["ranges"]
+            lines.insert(1, f"static activation ranges calibrated progressively on {r.n_samples} samples, "
+                            f"{len(r.sigmas)} σ's, {r.layers} layers" + (f" ({len(r.missing)} never observed: "
+                                                                        "dynamic)" if r.missing else ""))
+        return io.NodeOutput(stats, q_patcher, ui=ui.PreviewText("\n".join(lines)))
 
 
 NODES = [CalibrateErrors]

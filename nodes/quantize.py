@@ -98,8 +98,10 @@ class QuantizeModelAdvanced(io.ComfyNode):
                                  tooltip="Symmetric codes (no zero point) or asymmetric (a zero point per group)."),
                 io.Combo.Input("activation_bits", options=["8", "4", "16"], default="8",
                                tooltip="16 = activations stay full precision (weight-only quantization)."),
-                io.Combo.Input("activation_mode", options=["dynamic", "none"], default="dynamic",
-                               tooltip="dynamic: per-sample ranges measured at every call."),
+                io.Combo.Input("activation_mode", options=["dynamic", "static", "none"], default="dynamic",
+                               tooltip="dynamic: per-sample ranges measured at every call. static: one range per σ, "
+                                       "calibrated by Calibrate Errors (PCR's progressive calibration) — sample "
+                                       "with Calibrate Errors' quantized_model output."),
                 io.Boolean.Input("keep_first_last_conv", default=True),
                 io.String.Input("keep_patterns", default="", multiline=False,
                                 tooltip="Comma-separated fnmatch patterns of layer names kept in 16-bit, e.g. "

@@ -199,7 +199,7 @@ def test_int8_export_loads_with_comfyuis_stock_diffusion_model_loader(comfy, fp)
     from qcorrect.nodes.calibrate import CalibrateErrors
     from nodekit import conditioning
 
-    (stats,), _ = node_output(CalibrateErrors.execute(
+    (stats, _), _ = node_output(CalibrateErrors.execute(
         fp, stock, conditioning(0), conditioning(1, 0.0), {"samples": torch.zeros(1, 4, 8, 8)}, 0, "euler",
         "normal", 3, 3.0, 1.0, 1, "ptqd", "tests/native_int8"))
     assert "comfy_quant" in stats.meta.quantization and stats.rows == 3

@@ -39,7 +39,7 @@ def _calibrate(fp, q, methods="tcec", filename="tests/stats", sampler="euler", b
 
 @pytest.fixture(scope="module")
 def tcec_stats(comfy, fp, q):
-    (stats,), text = _calibrate(fp, q, "tcec", "tests/tcec")
+    (stats, _), text = _calibrate(fp, q, "tcec", "tests/tcec")
     return stats, text
 
 
@@ -96,7 +96,7 @@ def test_calibrate_errors_first_row_matches_a_plain_ksampler_evaluation(comfy, f
 def test_auto_calibration_stores_the_cross_fitted_check_and_the_sampler_says_why(comfy, fp, q):
     from qcorrect.nodes.sampling import CorrectedKSampler
 
-    (stats,), text = _calibrate(fp, q, "auto", "tests/auto", batches=2)
+    (stats, _), text = _calibrate(fp, q, "auto", "tests/auto", batches=2)
     check = stats.meta.validation
     assert check["folds"] == 4 and check["n"] == 4 and "gap_closed" in check
     assert "auto:" in text
@@ -158,7 +158,7 @@ def test_calibration_reports_progress_up_to_its_total(comfy, fp, q):
 
 def test_calibration_accepts_a_model_quantized_by_comfyui_fp8(comfy, fp):
     fp8 = tiny_sd15(dtype=torch.float8_e4m3fn)
-    (stats,), _ = _calibrate(fp, fp8, "ptqd", "tests/fp8")
+    (stats, _), _ = _calibrate(fp, fp8, "ptqd", "tests/fp8")
     assert "fp8" in stats.meta.quantization and stats.rows == STEPS
 
 
@@ -261,3 +261,24 @@ def test_calibration_refuses_models_of_another_prediction_type(comfy, fp, q):
     (x0_model,) = ModelSamplingDiscrete().patch(q, "x0", False)
     with pytest.raises(ModelMismatchError, match="not supported"):
         _calibrate(ModelSamplingDiscrete().patch(fp, "x0", False)[0], x0_model, filename="tests/bad_x0")
+
+
+def test_static_activations_are_calibrated_progressively_on_a_copy(comfy, fp):
+    """Quantize Model (Advanced) with static activations → Calibrate Errors calibrates the per-σ
+    ranges (PCR) on a copy, returns it with the statistics, and leaves its input uncalibrated."""
+    from qcorrect.nodes.quantize import QuantizeModelAdvanced
+    from qcorrect.nodes.sampling import CorrectedKSampler
+    from qcorrect.quant.activations import ActQuantizer
+
+    (static,), _ = node_output(QuantizeModelAdvanced.execute(fp, "8", "per-channel", True, "8", "static", True, ""))
+    (stats, calibrated), text = _calibrate(fp, static, "tcec", "tests/static")
+    assert "static activation ranges calibrated progressively" in text
+    acts_in = [m for m in static.get_model_object("diffusion_model").modules() if isinstance(m, ActQuantizer)]
+    acts_out = [m for m in calibrated.get_model_object("diffusion_model").modules() if isinstance(m, ActQuantizer)]
+    assert all(len(a.range_sigmas) == 0 for a in acts_in if a.mode == "static")
+    assert any(a.mode == "static" and len(a.range_sigmas) == STEPS for a in acts_out)
+    (out,), shown = node_output(CorrectedKSampler.execute(calibrated, 1, STEPS, CFG, "euler", "normal", POS, NEG,
+                                                          _latent(1), 1.0, stats, "tcec"))
+    assert torch.isfinite(out["samples"]).all() and "tcec" in shown
+    with pytest.raises(Exception, match="calibrated for model"):  # the uncalibrated input is another model
+        CorrectedKSampler.execute(static, 1, STEPS, CFG, "euler", "normal", POS, NEG, _latent(1), 1.0, stats, "tcec")

@@ -28,7 +28,7 @@ SPEC = {
     "QCorrectCalibrateErrors": ("Calibrate Errors",
                                 ["fp_model", "quantized_model", "positive", "negative", "latent_image", "seed",
                                  "sampler", "scheduler", "steps", "cfg", "denoise", "batches", "methods",
-                                 "filename"], ["QCORRECT_STATS"]),
+                                 "filename"], ["QCORRECT_STATS", "MODEL"]),
     "QCorrectCorrectedKSampler": ("Corrected KSampler",
                                   ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
                                    "negative", "latent_image", "denoise", "stats", "method"], ["LATENT"]),
