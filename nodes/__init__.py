@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import calibrate, quantize, sampling
+from . import calibrate, quantize, quantize_calibrated, sampling
 from .types import register_folders
 
 register_folders()
@@ -20,7 +20,7 @@ def _reference_nodes() -> list:
 
 class QCorrectExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*quantize.NODES, *calibrate.NODES, *sampling.NODES, *_reference_nodes()]
+        return [*quantize.NODES, *quantize_calibrated.NODES, *calibrate.NODES, *sampling.NODES, *_reference_nodes()]
 
 
 async def comfy_entrypoint() -> QCorrectExtension:

@@ -197,8 +197,8 @@ def copy_model(model):
     return base
 
 
-def quantized_clone(model, plan):
-    """Quantize Model: a new MODEL whose diffusion model is quantized with ``plan`` (QuantPlan or preset)."""
+def refuse_quantized(model) -> None:
+    """Quantize Model's refusals: a model quantized by qcorrect or by ComfyUI itself."""
     if is_qcorrect_quantized(model):
         raise QuantizationError("this MODEL is already quantized by qcorrect; connect the full-precision model "
                                 "(e.g. straight from Load Checkpoint) to Quantize Model")
@@ -208,20 +208,32 @@ def quantized_clone(model, plan):
             f"this MODEL is already quantized by ComfyUI ({foreign}); load it in its default (16-bit) weight dtype "
             "to quantize it with qcorrect — or, to correct it as it is, connect it as the quantized model of "
             "Calibrate Errors and Corrected KSampler")
+
+
+def baked_copy(model, plan):
+    """A structural copy whose layers the plan quantizes carry the input's weight patches (LoRA before
+    Quantize Model) baked in; returns ``(base, baked_keys)``. Nothing is quantized yet."""
+    refuse_quantized(model)
     base = copy_model(model)
     dm = base.diffusion_model
-    decisions = resolve_plan(dm, plan)
     baked = []
     with torch.no_grad():
-        for name, d in decisions.items():
+        for name, d in resolve_plan(dm, plan).items():
             if not d["weight"]:
                 continue
             key = f"diffusion_model.{name}.weight"
+            if key not in model.patches:
+                continue
             layer = dm.get_submodule(name)
-            w = layer.weight  # clean: copy_model put the backups of patched weights back
-            if key in model.patches:
-                w = comfy.lora.calculate_weight(model.patches[key], w.float().clone(), key)
-                baked.append(key)
+            w = comfy.lora.calculate_weight(model.patches[key], layer.weight.float().clone(), key)
             layer.weight = nn.Parameter(w.detach().to(layer.weight.device), requires_grad=False)
-        quantize_model(dm, plan)
+            baked.append(key)
+    return base, baked
+
+
+def quantized_clone(model, plan):
+    """Quantize Model: a new MODEL whose diffusion model is quantized with ``plan`` (QuantPlan or preset)."""
+    base, baked = baked_copy(model, plan)
+    with torch.no_grad():
+        quantize_model(base.diffusion_model, plan)
     return new_model_patcher(model, base, drop_patches=baked), baked

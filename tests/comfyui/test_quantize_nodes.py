@@ -220,3 +220,33 @@ def test_dynamic_vram_bookkeeping_of_the_input_is_not_carried_into_the_copy(comf
         assert conv._v is marker and fp.model.dynamic_vbars["cuda:0"] is marker
     finally:
         del conv._v, fp.model.dynamic_vbars
+
+
+def test_calibrated_quantize_model_rounds_with_error_compensation(comfy, fp):
+    """Quantize Model (Calibrated): same packed storage as Quantize Model, weights chosen from the model's own
+    sampling, closer to full precision than round-to-nearest on this model; the input is untouched."""
+    from nodekit import conditioning
+    from qcorrect.nodes.quantize import QuantizeModel
+    from qcorrect.nodes.quantize_calibrated import QuantizeModelCalibrated
+    from qcorrect.quant import QuantLinear
+
+    before = _weights(fp)
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+    (cal,), text = node_output(QuantizeModelCalibrated.execute(
+        fp, "W4A16", conditioning(0), conditioning(1, 0.0), latent, 11, "euler", "normal", 4, 3.0, 2, "gptq",
+        False, 0.0))
+    (rtn,), _ = node_output(QuantizeModel.execute(fp, "W4A16"))
+    assert "GPTQ" in text and "held-out" in text
+    assert all(torch.equal(before[k], v) for k, v in _weights(fp).items())
+    dm_c, dm_r = cal.get_model_object("diffusion_model"), rtn.get_model_object("diffusion_model")
+    lin_c = {n: m for n, m in dm_c.named_modules() if isinstance(m, QuantLinear)}
+    lin_r = {n: m for n, m in dm_r.named_modules() if isinstance(m, QuantLinear)}
+    assert lin_c.keys() == lin_r.keys()
+    assert all(lin_c[n].weight.shape == lin_r[n].weight.shape for n in lin_c)  # zero extra bytes
+    assert any(not torch.equal(lin_c[n].weight, lin_r[n].weight) for n in lin_c)
+    ref = sample(fp, pos=conditioning(0), neg=conditioning(1, 0.0))
+    assert torch.isfinite(sample(cal)).all()
+    err_c = mse(sample(cal, pos=conditioning(0), neg=conditioning(1, 0.0)), ref)
+    err_r = mse(sample(rtn, pos=conditioning(0), neg=conditioning(1, 0.0)), ref)
+    print("calibrated", err_c, "rtn", err_r)
+    assert err_c < err_r

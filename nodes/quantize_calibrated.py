@@ -1,0 +1,112 @@
+"""Quantize Model (Calibrated): the model plus a calibration set → 4/8-bit weights rounded with
+error compensation (issue 11's calibrated quantizers, ``quant/calibrated.py``).
+
+The full-precision model samples the calibration set once through ComfyUI's own guider (its
+conditioning, CFG and sampler), while per-layer input second moments are streamed from a
+structural copy of the model that this node owns (``calibration/inputs.py``; no hook ever touches
+a module of the input MODEL). Then a second copy is quantized from those statistics: GPTQ-style
+rounding scored against round-to-nearest per layer on held-out calibration samples, optionally
+AWQ-style input scales, and an optional byte budget spent on int8 layers and low-rank branches.
+Progress bar over the sampling; cancel stops within one model call and leaves the input untouched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import comfy.samplers
+import torch
+from comfy_api.latest import io, ui
+
+from ..calibration.inputs import collect_inputs
+from ..quant import PRESETS, plan_summary
+from ..quant import preset as quant_preset
+from ..quant.calibrated import CalibratedConfig, calibrated_summary, quantize_calibrated
+from . import patching
+from .calibrate import CALIBRATION_SAMPLERS, GuidedRun, ancestral_noise, calibration_set
+
+CATEGORY = "qcorrect"
+
+
+def collect_model_inputs(model, base, positive, negative, latent_image, seed, sampler, scheduler, steps, cfg,
+                         batches, baked) -> dict:
+    """Sample ``model`` (as a patcher around our copy ``base``) over the calibration set and stream the
+    per-layer input statistics of ``base``'s diffusion model."""
+    work = patching.new_model_patcher(model, base, drop_patches=baked)
+    latents, noise = calibration_set(work, latent_image, seed, batches)
+    bs, n = latent_image["samples"].shape[0], noise.shape[0]
+    sigmas = comfy.samplers.KSampler(work, steps=steps, device=work.load_device, sampler=sampler,
+                                     scheduler=scheduler).sigmas
+    sample_fn = comfy.samplers.sampler_object(sampler).sampler_function
+    name = "euler" if sampler == "ddim" else sampler
+
+    def job(q, fp, x_init, sigmas, grid):
+        factory = None
+        if name == "euler_ancestral":
+            make = ancestral_noise(int(seed), tuple(x_init.shape[1:]), x_init.device, x_init.dtype)
+            factory = lambda idx: make(int(idx[0]), int(idx[0]) + len(idx))  # noqa: E731
+        return collect_inputs(q, patching.diffusion_model(work), sample_fn, x_init, sigmas, {}, batch_size=bs,
+                              noise_sampler_factory=factory, seed=int(seed))
+
+    guider = comfy.samplers.CFGGuider(work)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    run = GuidedRun(job, noise, latents, (sigmas.shape[-1] - 1) * math.ceil(n / bs))
+    guider.sample(noise[:bs], latents[:bs], run, sigmas, disable_pbar=True, seed=int(seed))
+    return run.result
+
+
+class QuantizeModelCalibrated(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QCorrectQuantizeModelCalibrated",
+            display_name="Quantize Model (Calibrated)",
+            category=CATEGORY,
+            description="Quantize Model with error-compensating rounding fitted to a calibration set the model "
+                        "samples itself (GPTQ-style, per-layer fallback to round-to-nearest on held-out samples; "
+                        "optional AWQ scales and a byte budget). Same storage as Quantize Model.",
+            inputs=[
+                io.Model.Input("model", tooltip="The full-precision model (LoRA before this node is baked in)."),
+                io.Combo.Input("preset", options=list(PRESETS), default="W4A8"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image", tooltip="One batch of the calibration set (e.g. Empty Latent Image)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False),
+                io.Combo.Input("sampler", options=list(CALIBRATION_SAMPLERS), default="euler"),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal"),
+                io.Int.Input("steps", default=20, min=1, max=1000),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Int.Input("batches", default=4, min=1, max=1024,
+                             tooltip="How many latent batches the model samples (batch i uses seed + i); a quarter "
+                                     "of the samples is held out to check each layer's rounding."),
+                io.Combo.Input("rounding", options=["gptq", "rtn"], default="gptq"),
+                io.Boolean.Input("awq", default=False, tooltip="Search AWQ-style input-channel scales per layer."),
+                io.Float.Input("budget", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Byte budget as a share of the model's fp16 bytes (0 = the preset's bytes "
+                                       "only); extra bytes go to int8 layers and low-rank branches."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, preset, positive, negative, latent_image, seed, sampler, scheduler, steps, cfg, batches,
+                rounding, awq, budget) -> io.NodeOutput:
+        plan = quant_preset(preset)
+        config = CalibratedConfig(rounding=rounding, awq=bool(awq), budget=float(budget) or None).validate()
+        sample_base, baked = patching.baked_copy(model, plan)
+        collected = collect_model_inputs(model, sample_base, positive, negative, latent_image, seed, sampler,
+                                         scheduler, steps, cfg, batches, baked)
+        del sample_base
+        base, baked = patching.baked_copy(model, plan)  # a fresh copy: the sampled one was loaded by ComfyUI
+        with torch.no_grad():
+            quantize_calibrated(base.diffusion_model, plan, collected["layers"], config)
+        out = patching.new_model_patcher(model, base, drop_patches=baked)
+        lines = [plan_summary(base.diffusion_model), calibrated_summary(base.diffusion_model),
+                 f"calibration: {collected['n_fit']} + {collected['n_hold']} held-out samples, input statistics "
+                 f"{collected['seconds']:.1f} s, peak {collected['peak_stats_bytes'] / 2**20:.1f} MiB",
+                 f"model size {out.model_size() / 2**20:.1f} MiB (input {model.model_size() / 2**20:.1f} MiB)"]
+        return io.NodeOutput(out, ui=ui.PreviewText("\n".join(lines)))
+
+
+NODES = [QuantizeModelCalibrated]
