@@ -119,6 +119,7 @@ class GuidedRun(comfy.samplers.Sampler):
 
         def denoiser(which):
             def call(x, sigma, **_):
+                comfy.model_management.throw_exception_if_processing_interrupted()
                 model_wrap.which = which
                 try:
                     out = model_wrap(x, sigma, model_options=extra_args["model_options"], seed=extra_args.get("seed"))

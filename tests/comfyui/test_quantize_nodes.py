@@ -250,3 +250,29 @@ def test_calibrated_quantize_model_rounds_with_error_compensation(comfy, fp):
     err_r = mse(sample(rtn, pos=conditioning(0), neg=conditioning(1, 0.0)), ref)
     print("calibrated", err_c, "rtn", err_r)
     assert err_c < err_r
+
+
+def test_cancelling_a_calibrated_quantization_leaves_no_model_and_the_input_untouched(comfy, fp):
+    from comfy import model_management, utils
+    from nodekit import conditioning
+    from qcorrect.nodes.quantize_calibrated import QuantizeModelCalibrated
+
+    before = _weights(fp)
+    updates = []
+
+    def hook(value, total, preview, node_id=None):
+        updates.append(value)
+        if len(updates) == 2:
+            model_management.interrupt_current_processing(True)
+
+    utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(model_management.InterruptProcessingException):
+            QuantizeModelCalibrated.execute(fp, "W4A8", conditioning(0), conditioning(1, 0.0),
+                                            {"samples": torch.zeros(2, 4, 8, 8)}, 0, "euler", "normal", 4, 3.0, 2,
+                                            "gptq", False, 0.0)
+    finally:
+        utils.set_progress_bar_global_hook(None)
+        model_management.interrupt_current_processing(False)
+    assert len(updates) == 2
+    assert all(torch.equal(before[k], v) for k, v in _weights(fp).items())
