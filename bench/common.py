@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -35,9 +36,33 @@ def emit_json(obj: dict) -> None:
     print(json.dumps(obj, sort_keys=True))
 
 
-def set_threads(n: int | None) -> None:
+def default_threads() -> int:
+    """A thread count that does not oversubscribe a shared machine: ``OMP_NUM_THREADS`` if set, else
+    half the CPUs this process may run on (at least 1, at most 8).
+
+    torch's default is every core; when other processes use some of them (a busy 2-core CI box),
+    OpenMP threads wait on each other at every operator and a run can take several times longer
+    than on one thread. Half the CPUs leaves room for the rest of the machine and hyper-threads;
+    the reference model does not speed up beyond about 8 threads.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 2
+    return max(1, min(8, cpus // 2))
+
+
+def set_threads(n: int | None, default: bool = False) -> int:
+    """Use ``n`` threads; ``None`` keeps torch's setting, or with ``default=True`` takes
+    :func:`default_threads`. Returns the thread count in use."""
+    if not n and default:
+        n = default_threads()
     if n:
         torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def parse_presets(text: str) -> list[str]:

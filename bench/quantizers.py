@@ -29,7 +29,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..calibration.inputs import collect_inputs, early_weight, layer_probe, probe_calls
+from ..calibration.inputs import (
+    calibration_layers, collect_inputs, early_weight, layer_groups, layer_probe, probe_calls, stats_bytes,
+)
 from ..evaluation import paired_bootstrap_ci
 from ..quant import PRESETS, SigmaScopedDenoiser, quantize_model, resolve_plan
 from ..quant.budget import RANK_STEP, layer_bytes
@@ -65,6 +67,10 @@ METHODS: dict[str, CalibratedConfig | None] = {
 BEST = "gptq"
 METHODS["best"] = METHODS[BEST]
 PROBE_SAMPLES = 2
+#: the memory bound reported for the SD1.5-shaped UNet's statistics (one pass per group that fits)
+SD15_STATS_MAX_BYTES = 8 << 30
+#: rows of input statistics kept per layer, × its input size K (calibration/inputs.py, "Cost")
+ROWS_PER_K = 32
 
 
 def method_config(name: str, budget: float, outlier_ratio: float | None) -> CalibratedConfig | None:
@@ -122,6 +128,21 @@ def sd15_bytes_ratio(preset: str, cfg: CalibratedConfig | None) -> dict:
     return out
 
 
+def sd15_stats_memory(max_bytes: int = SD15_STATS_MAX_BYTES) -> dict:
+    """What the input statistics of the SD1.5-shaped UNet's W4 layers take (float32, fit + held-out
+    sums), and how ``collect_inputs(max_bytes=…)`` bounds it: the peak and the sampling passes."""
+    with torch.device("meta"):
+        model = SDUNet()
+    decisions = resolve_plan(model, PRESETS["W4A8"])
+    layers = {n: m for n, m in calibration_layers(model).items() if decisions.get(n, {}).get("weight")}
+    sizes = stats_bytes(layers)
+    groups = layer_groups(layers, max_bytes)
+    largest = max(sizes, key=sizes.get)
+    return {"layers": len(layers), "total_bytes": sum(sizes.values()), "largest_layer": largest,
+            "largest_bytes": sizes[largest], "max_bytes": max_bytes, "passes": len(groups),
+            "peak_bytes": max(sum(sizes[n] for n in g) for g in groups)}
+
+
 def _ci(ci) -> dict:
     return {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
 
@@ -135,7 +156,7 @@ def _fp16_ref_bytes(unet) -> int:
 
 
 def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20, scheduler="normal", budget=0.30,
-        step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False):
+        step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False, rows_per_k=ROWS_PER_K):
     check_disjoint(calib_seeds, seeds)
     ref = load_reference()
     grid = ref.denoiser.sigmas
@@ -157,7 +178,10 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
             factory = lambda idx: PerSampleNoise([calib_seeds[i] for i in idx], LATENT)  # noqa: E731
             weight = None if step_weight == 1.0 else early_weight(step_weight)
             col = collect_inputs(ref.denoiser, ref.denoiser.unet, SAMPLERS[sampler], x0, sigmas, extra,
-                                 noise_sampler_factory=factory, step_weight=weight, batch_size=16)
+                                 noise_sampler_factory=factory, step_weight=weight, batch_size=16,
+                                 rows_per_k=rows_per_k,
+                                 progress=lambda d, t: log(f"# {sampler} cfg {cfg_scale}: input statistics, "
+                                                           f"batch {d}/{t}"))
             collections.append({"sampler": sampler, "cfg": cfg_scale, "seconds": round(col["seconds"], 1),
                                 "peak_stats_bytes": col["peak_stats_bytes"], "n_fit": col["n_fit"], "n_hold": col["n_hold"]})
             log(f"# {sampler} cfg {cfg_scale}: input statistics of {len(calib_seeds)} calibration samples in "
@@ -220,8 +244,8 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                         f"{row['sample_seconds']:.1f} s")
     res = {"steps": steps, "scheduler": scheduler, "n": len(seeds), "seeds": _span(seeds),
            "calib_seeds": _span(calib_seeds), "classes": classes, "budget": budget, "step_weight": step_weight,
-           "outlier_ratio": outlier_ratio, "best": BEST, "collections": collections, "rows": rows,
-           "sd15": {f"{p}/{m}": v for (p, m), v in sd15.items()}}
+           "outlier_ratio": outlier_ratio, "rows_per_k": rows_per_k, "best": BEST, "collections": collections, "rows": rows,
+           "sd15": {f"{p}/{m}": v for (p, m), v in sd15.items()}, "sd15_stats": sd15_stats_memory()}
     if keep_images:
         res["images"] = images
     return res
@@ -256,8 +280,18 @@ HEADERS = ["preset", "method", "sampler", "cfg", "latent MSE", "PSNR dB", "FID-t
 def print_result(res: dict) -> None:
     print(f"calibrated quantizers vs round-to-nearest — reference model, {res['scheduler']} schedule, {res['steps']} "
           f"steps, N={res['n']}, seeds {res['seeds']}; input statistics from calibration seeds {res['calib_seeds']}"
-          f" (early-step weight {res['step_weight']:g}), budget {res['budget']:g}× fp16")
+          f" (early-step weight {res['step_weight']:g}, rows per K {res.get('rows_per_k') or 'all'}), budget "
+          f"{res['budget']:g}× fp16")
     print_table(HEADERS, table_rows(res))
+    for c in res["collections"]:
+        print(f"input statistics, {c['sampler']} cfg {c['cfg']:g}: {c['n_fit']} fit + {c['n_hold']} held-out samples "
+              f"in {c['seconds']:.0f} s, {c['peak_stats_bytes'] / 2**20:.0f} MiB")
+    m = res.get("sd15_stats")
+    if m:
+        print(f"SD1.5-shaped UNet: input statistics of its {m['layers']} W4 layers take {m['total_bytes'] / 2**30:.1f} GiB "
+              f"(largest {m['largest_layer']}: {m['largest_bytes'] / 2**30:.2f} GiB); bounded to "
+              f"{m['peak_bytes'] / 2**30:.2f} GiB at max_bytes={m['max_bytes'] / 2**30:.0f} GiB by {m['passes']} "
+              "sampling passes")
     for r in res["rows"]:
         if "summary" in r:
             line = f"{r['preset']} {r['method']} {r['sampler']} cfg {r['cfg']:g}: {r['summary']}"
@@ -273,7 +307,8 @@ def main(args) -> int:
     res = run(parse_presets(args.preset), parse_methods(args.methods), args.sampler.split(","),
               [float(c) for c in args.cfg.split(",")] if args.cfg else [load_reference().default_cfg],
               parse_int_list(args.seeds), parse_int_list(args.calib_seeds), parse_int_list(args.classes),
-              args.steps, args.scheduler, args.budget, args.step_weight, args.outlier_ratio or None, args.batch)
+              args.steps, args.scheduler, args.budget, args.step_weight, args.outlier_ratio or None, args.batch,
+              rows_per_k=args.rows_per_k or None)
     print_result(res)
     if args.json:
         emit_json(res)
@@ -296,6 +331,8 @@ def add_parser(sub) -> None:
                    help="weight of the calibration inputs of steps with σ ≥ 3 (the first 7 of 20), others 1")
     p.add_argument("--outlier-ratio", type=float, default=1000.0,
                    help="channel |x| max/median from which a layer keeps 16-bit activations (0: off)")
+    p.add_argument("--rows-per-k", type=float, default=ROWS_PER_K,
+                   help="input-statistics rows kept per layer, × its input size (0: every row; cost grows with it)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
