@@ -205,6 +205,12 @@ def calibrate_activation_ranges(
     return report
 
 
+def uses_static_activations(quantized: nn.Module) -> bool:
+    """Whether any quantized layer of ``quantized`` runs static activation ranges (so it needs
+    :func:`calibrate_activation_ranges` before sampling, or has had it)."""
+    return any(m.act.qtype is not None and m.act.mode == "static" for m in quantized_layers(quantized).values())
+
+
 def check_coverage(quantized: nn.Module, sigmas, rtol: float = 0.05) -> str | None:
     """A warning text if the schedule ``sigmas`` leaves the calibrated σ range (else ``None``).
 
@@ -221,4 +227,4 @@ def check_coverage(quantized: nn.Module, sigmas, rtol: float = 0.05) -> str | No
             f"calibrated on ({shown}); they use the ranges of the nearest calibrated σ")
 
 
-__all__ = ["RangeReport", "TRAJECTORIES", "calibrate_activation_ranges", "check_coverage"]
+__all__ = ["RangeReport", "TRAJECTORIES", "calibrate_activation_ranges", "check_coverage", "uses_static_activations"]

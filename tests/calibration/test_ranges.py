@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from qcorrect.calibration.errors import CalibrationError
-from qcorrect.calibration.ranges import calibrate_activation_ranges, check_coverage
+from qcorrect.calibration.ranges import calibrate_activation_ranges, check_coverage, uses_static_activations
 from qcorrect.quant import (
     ActivationObserver, QuantFileError, QuantizationError, SigmaScopedDenoiser, load_quantized, preset,
     quantization_plan, quantize_model, quantized_layers, save_quantized, set_activation_schedule, sigma_scope,
@@ -279,3 +279,16 @@ def test_add_static_range_replaces_the_same_sigma():
     a.add_static_range(1.0, -0.5, 0.5)
     assert a.range_sigmas.tolist() == [1.0, 2.0] and a.range_hi.tolist() == [0.5, 2.0]
     assert a.calibrated_sigma_range() == (1.0, 2.0)
+
+
+def test_uses_static_activations():
+    fp, q = pair()
+    assert uses_static_activations(q.quantized)  # static, not calibrated yet
+    torch.manual_seed(0)
+    dyn = ToyUNet()
+    quantize_model(dyn, "W4A4")
+    assert not uses_static_activations(dyn)
+    torch.manual_seed(0)
+    weight_only = ToyUNet()
+    quantize_model(weight_only, preset("W8A16"))
+    assert not uses_static_activations(weight_only)
