@@ -92,12 +92,14 @@ def _count(t: torch.Tensor) -> int:
     return t.numel() * (2 if t.is_floating_point() else t.element_size())
 
 
-def sd15_bytes_ratio(preset: str, cfg: CalibratedConfig | None) -> dict:
+def sd15_bytes_ratio(preset: str, cfg: CalibratedConfig | None, budget_extra: float | None = None) -> dict:
     """Resident bytes over fp16 of the SD1.5-shaped UNet under ``preset`` and the method's structure,
     counted on a meta-device model (shapes only). Round-to-nearest and GPTQ store the same bytes;
     AWQ scales are counted on every quantized layer (an upper bound: the held-out check keeps them
     only where they help); a budget is spent up to its cap (``≤``: the layers it picks depend on
     calibration statistics an SD1.5 with random weights does not have)."""
+    if cfg is not None and cfg.budget is not None and budget_extra is not None:
+        cfg = replace(cfg, budget=sd15_bytes_ratio(preset, None)["ratio"] + budget_extra)
     with torch.device("meta"):
         model = SDUNet()
     total = sum(_count(t) for t in [*model.parameters(), *model.buffers()])
@@ -156,7 +158,11 @@ def _fp16_ref_bytes(unet) -> int:
 
 
 def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20, scheduler="normal", budget=0.30,
-        step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False, rows_per_k=ROWS_PER_K):
+        step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False, rows_per_k=ROWS_PER_K,
+        budget_extra=None):
+    """``budget``: the budgeted methods' cap, × each model's fp16 bytes; with ``budget_extra`` the cap is
+    instead each model's round-to-nearest ratio plus that much (the same headroom on the reference
+    model and on the SD1.5-shaped UNet, whose fixed 16-bit share differs tenfold)."""
     check_disjoint(calib_seeds, seeds)
     ref = load_reference()
     grid = ref.denoiser.sigmas
@@ -191,6 +197,8 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                 base = None
                 for method in methods:
                     mcfg = method_config(method, budget, outlier_ratio)
+                    if mcfg is not None and mcfg.budget is not None and budget_extra is not None:
+                        mcfg = replace(mcfg, budget=rtn_ratio + budget_extra)
                     qd = copy.deepcopy(ref.denoiser)
                     t1 = time.perf_counter()
                     report = None
@@ -216,8 +224,12 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                            "calib_seconds": 0.0 if mcfg is None else round(col["seconds"] + solve, 1),
                            "solve_seconds": round(solve, 1), "sample_seconds": round(time.perf_counter() - t2, 1)}
                     key = (preset, method)
+                    if method == "rtn":
+                        rtn_ratio = row["bytes_ratio"]
+                    if mcfg is not None and mcfg.budget is not None:
+                        row["budget"] = round(mcfg.budget, 4)
                     if key not in sd15:
-                        sd15[key] = sd15_bytes_ratio(preset, mcfg)
+                        sd15[key] = sd15_bytes_ratio(preset, mcfg, budget_extra)
                     row["sd15_bytes_ratio"] = sd15[key]["ratio"]
                     row["sd15_bound"] = sd15[key]["bound"]
                     if report is not None:
@@ -243,7 +255,8 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                     log(f"# {sampler} cfg {cfg_scale}: {preset} {method} in {solve:.1f} s + sampling "
                         f"{row['sample_seconds']:.1f} s")
     res = {"steps": steps, "scheduler": scheduler, "n": len(seeds), "seeds": _span(seeds),
-           "calib_seeds": _span(calib_seeds), "classes": classes, "budget": budget, "step_weight": step_weight,
+           "calib_seeds": _span(calib_seeds), "classes": classes, "budget": budget, "budget_extra": budget_extra,
+           "step_weight": step_weight,
            "outlier_ratio": outlier_ratio, "rows_per_k": rows_per_k, "best": BEST, "collections": collections, "rows": rows,
            "sd15": {f"{p}/{m}": v for (p, m), v in sd15.items()}, "sd15_stats": sd15_stats_memory()}
     if keep_images:
@@ -281,7 +294,8 @@ def print_result(res: dict) -> None:
     print(f"calibrated quantizers vs round-to-nearest — reference model, {res['scheduler']} schedule, {res['steps']} "
           f"steps, N={res['n']}, seeds {res['seeds']}; input statistics from calibration seeds {res['calib_seeds']}"
           f" (early-step weight {res['step_weight']:g}, rows per K {res.get('rows_per_k') or 'all'}), budget "
-          f"{res['budget']:g}× fp16")
+          + (f"round-to-nearest + {res['budget_extra']:g}× fp16" if res.get("budget_extra") is not None
+             else f"{res['budget']:g}× fp16"))
     print_table(HEADERS, table_rows(res))
     for c in res["collections"]:
         print(f"input statistics, {c['sampler']} cfg {c['cfg']:g}: {c['n_fit']} fit + {c['n_hold']} held-out samples "
@@ -308,7 +322,7 @@ def main(args) -> int:
               [float(c) for c in args.cfg.split(",")] if args.cfg else [load_reference().default_cfg],
               parse_int_list(args.seeds), parse_int_list(args.calib_seeds), parse_int_list(args.classes),
               args.steps, args.scheduler, args.budget, args.step_weight, args.outlier_ratio or None, args.batch,
-              rows_per_k=args.rows_per_k or None)
+              rows_per_k=args.rows_per_k or None, budget_extra=args.budget_extra)
     print_result(res)
     if args.json:
         emit_json(res)
@@ -327,6 +341,9 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-seeds", default="0-31", help="calibration seeds (must not overlap --seeds)")
     p.add_argument("--classes", default="0-9", help="class labels, cycled over the seeds")
     p.add_argument("--budget", type=float, default=0.30, help="byte budget of the budgeted methods, × the model's fp16 bytes")
+    p.add_argument("--budget-extra", type=float, default=None,
+                   help="instead of --budget: each model's round-to-nearest ratio plus this (0.0166 = what 0.30 leaves on "
+                        "the SD1.5-shaped UNet)")
     p.add_argument("--step-weight", type=float, default=1.0,
                    help="weight of the calibration inputs of steps with σ ≥ 3 (the first 7 of 20), others 1")
     p.add_argument("--outlier-ratio", type=float, default=1000.0,

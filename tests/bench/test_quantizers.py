@@ -62,3 +62,12 @@ def test_the_table_and_the_json_line(result, capsys):
     assert [r[1] for r in table] == ["rtn", "gptq", "gptq_budget"] and table[2][14].startswith("≤")
     assert len(table[0]) == len(quantizers.HEADERS)
     assert json.loads(json.dumps(result))["rows"][1]["method"] == "gptq"
+
+
+def test_budget_extra_gives_each_model_the_same_headroom_over_round_to_nearest():
+    res = quantizers.run(["W4A16"], ["rtn", "gptq_int8"], ["euler"], [3.0], SEEDS, CALIB, CLASSES, budget_extra=0.02,
+                         **SMALL)
+    rtn, b = res["rows"]
+    assert b["budget"] == pytest.approx(rtn["bytes_ratio"] + 0.02, abs=1e-4)
+    assert rtn["bytes_ratio"] < b["bytes_ratio"] <= b["budget"]
+    assert b["sd15_bytes_ratio"] <= rtn["sd15_bytes_ratio"] + 0.02 + 1e-4 and b["sd15_bound"].startswith("≤")
