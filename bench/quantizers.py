@@ -40,7 +40,7 @@ from ..reference.model import load_reference
 from ..reference.samplers import SAMPLERS
 from ..reference.schedules import get_sigmas
 from .common import emit_json, parse_presets, print_table, resident_bytes, set_threads
-from .correct import check_disjoint
+from .correct import check_disjoint, expand_methods
 from .pipeline import (
     PerSampleNoise, RunConfig, decode, initial_noise, labels_for, parse_int_list, per_sample_metrics,
     sample_latents, start_latent, summary,
@@ -145,6 +145,40 @@ def sd15_stats_memory(max_bytes: int = SD15_STATS_MAX_BYTES) -> dict:
             "peak_bytes": max(sum(sizes[n] for n in g) for g in groups)}
 
 
+def _against(per: dict, base: dict) -> dict:
+    """Gap closed against ``base``'s latent MSE (paired bootstrap), ΔPSNR, median per-sample gap,
+    worst per-sample ratio and share of samples made worse."""
+    mse, mse_b = per["latent_mse"], base["latent_mse"]
+    ratio = mse / mse_b.clamp_min(1e-30)
+    return {"gap_closed": _ci(paired_bootstrap_ci(mse.numpy(), mse_b.numpy(), stat="ratio")),
+            "psnr_delta": _ci(paired_bootstrap_ci(per["psnr"].numpy(), base["psnr"].numpy())),
+            "median_gap_closed": float((1 - ratio).median()), "worst_ratio": float(ratio.max()),
+            "worse_share": float((ratio > 1).double().mean())}
+
+
+def _corrected_row(ref, qden, corr, rc, qrow, per_q, per_rtn, calib_seeds, classes, seeds, labels, lat_fp, img_fp,
+                   preset, method, log) -> dict:
+    """A correction calibrated (bench quality's protocol) on top of a calibrated quantizer."""
+    from .correct import auto_reason, calibrate_method, corrected_sampler
+
+    stats, secs = calibrate_method(ref, qden, corr, rc, calib_seeds, classes, f"{preset}:{method}")
+    t0 = time.perf_counter()
+    lat = sample_latents(qden, rc, seeds, labels, ref.denoiser.sigmas, sampler_fn=corrected_sampler(stats, corr, rc.sampler))
+    img = decode(ref.autoencoder, lat)
+    per = per_sample_metrics(lat, lat_fp, img, img_fp)
+    row = {**{k: qrow[k] for k in ("preset", "sampler", "cfg", "bytes_ratio", "sd15_bytes_ratio", "sd15_bound")},
+           "method": f"{method}+{corr}", "quantizer": method, "correction": corr,
+           **summary(lat, lat_fp, img, img_fp, labels, ref.classifier), **_against(per, per_rtn),
+           "calib_seconds": round(qrow["calib_seconds"] + secs, 1), "correction_calib_seconds": round(secs, 1),
+           "sample_seconds": round(time.perf_counter() - t0, 1)}
+    row["vs_quantizer"] = _against(per, per_q)
+    if corr == "auto":
+        row["auto"] = auto_reason(stats)
+    log(f"# {rc.sampler} cfg {rc.cfg}: {preset} {method} + {corr}: correction calibrated in {secs:.1f} s"
+        + (f"; {row['auto']}" if corr == "auto" else ""))
+    return row
+
+
 def _ci(ci) -> dict:
     return {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
 
@@ -159,10 +193,12 @@ def _fp16_ref_bytes(unet) -> int:
 
 def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20, scheduler="normal", budget=0.30,
         step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False, rows_per_k=ROWS_PER_K,
-        budget_extra=None):
+        budget_extra=None, corrections=(), correct_on=("best",)):
     """``budget``: the budgeted methods' cap, × each model's fp16 bytes; with ``budget_extra`` the cap is
     instead each model's round-to-nearest ratio plus that much (the same headroom on the reference
-    model and on the SD1.5-shaped UNet, whose fixed 16-bit share differs tenfold)."""
+    model and on the SD1.5-shaped UNet, whose fixed 16-bit share differs tenfold). ``corrections``:
+    correction methods (``bench quality``'s names, ``auto`` included) calibrated on the calibration seeds
+    on top of each quantizer method in ``correct_on`` and scored against that quantizer uncorrected."""
     check_disjoint(calib_seeds, seeds)
     ref = load_reference()
     grid = ref.denoiser.sigmas
@@ -242,19 +278,17 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                     if method == "rtn":
                         base = per
                     else:
-                        mse, mse_b = per["latent_mse"], base["latent_mse"]
-                        ratio = mse / mse_b.clamp_min(1e-30)
-                        row["gap_closed"] = _ci(paired_bootstrap_ci(mse.numpy(), mse_b.numpy(), stat="ratio"))
-                        row["psnr_delta"] = _ci(paired_bootstrap_ci(per["psnr"].numpy(), base["psnr"].numpy()))
-                        row["median_gap_closed"] = float((1 - ratio).median())
-                        row["worst_ratio"] = float(ratio.max())
-                        row["worse_share"] = float((ratio > 1).double().mean())
+                        row.update(_against(per, base))
                     if keep_images:
                         images[(sampler, cfg_scale, preset, method)] = img
                     rows.append(row)
                     log(f"# {sampler} cfg {cfg_scale}: {preset} {method} in {solve:.1f} s + sampling "
                         f"{row['sample_seconds']:.1f} s")
-    res = {"steps": steps, "scheduler": scheduler, "n": len(seeds), "seeds": _span(seeds),
+                    if method != "rtn" and method in correct_on:
+                        for corr in (c for c in corrections if c != "none"):
+                            rows.append(_corrected_row(ref, qden, corr, rc, row, per, base, calib_seeds, classes, seeds,
+                                                       labels, lat_fp, img_fp, preset, method, log))
+    res = {"steps": steps, "scheduler": scheduler, "corrections": list(corrections), "n": len(seeds), "seeds": _span(seeds),
            "calib_seeds": _span(calib_seeds), "classes": classes, "budget": budget, "budget_extra": budget_extra,
            "step_weight": step_weight,
            "outlier_ratio": outlier_ratio, "rows_per_k": rows_per_k, "best": BEST, "collections": collections, "rows": rows,
@@ -281,13 +315,13 @@ def table_rows(res: dict) -> list[list]:
                     "-" if rtn else _fmt_ci(r["psnr_delta"], pct=False),
                     "-" if rtn else f"{r['worst_ratio']:.2f}", "-" if rtn else f"{100 * r['worse_share']:.0f}",
                     f"{r['bytes_ratio']:.4f}", ("≤" if r["sd15_bound"] != "exact" else "") + f"{r['sd15_bytes_ratio']:.4f}",
-                    f"{r['calib_seconds']:.0f}"])
+                    f"{r['calib_seconds']:.0f}", _fmt_ci(r["vs_quantizer"]["gap_closed"]) if "vs_quantizer" in r else "-"])
     return out
 
 
 HEADERS = ["preset", "method", "sampler", "cfg", "latent MSE", "PSNR dB", "FID-to-FP", "acc %",
            "gap closed vs RTN % [95% CI]", "median gap %", "ΔPSNR dB [95% CI]", "worst ratio", "worse %",
-           "bytes × fp16", "SD1.5 bytes × fp16", "calib s"]
+           "bytes × fp16", "SD1.5 bytes × fp16", "calib s", "correction: gap closed vs its quantizer % [95% CI]"]
 
 
 def print_result(res: dict) -> None:
@@ -307,6 +341,8 @@ def print_result(res: dict) -> None:
               f"{m['peak_bytes'] / 2**30:.2f} GiB at max_bytes={m['max_bytes'] / 2**30:.0f} GiB by {m['passes']} "
               "sampling passes")
     for r in res["rows"]:
+        if "auto" in r:
+            print(f"{r['preset']} {r['method']} {r['sampler']} cfg {r['cfg']:g}: {r['auto']}")
         if "summary" in r:
             line = f"{r['preset']} {r['method']} {r['sampler']} cfg {r['cfg']:g}: {r['summary']}"
             if "allocation" in r:
@@ -322,7 +358,9 @@ def main(args) -> int:
               [float(c) for c in args.cfg.split(",")] if args.cfg else [load_reference().default_cfg],
               parse_int_list(args.seeds), parse_int_list(args.calib_seeds), parse_int_list(args.classes),
               args.steps, args.scheduler, args.budget, args.step_weight, args.outlier_ratio or None, args.batch,
-              rows_per_k=args.rows_per_k or None, budget_extra=args.budget_extra)
+              rows_per_k=args.rows_per_k or None, budget_extra=args.budget_extra,
+              corrections=expand_methods(args.corrections, args.sampler.split(",")) if args.corrections else (),
+              correct_on=tuple(m.strip() for m in args.correct_on.split(",")))
     print_result(res)
     if args.json:
         emit_json(res)
@@ -350,6 +388,9 @@ def add_parser(sub) -> None:
                    help="channel |x| max/median from which a layer keeps 16-bit activations (0: off)")
     p.add_argument("--rows-per-k", type=float, default=ROWS_PER_K,
                    help="input-statistics rows kept per layer, × its input size (0: every row; cost grows with it)")
+    p.add_argument("--corrections", default=None,
+                   help="correction methods (bench quality's names, 'all') calibrated on top of --correct-on")
+    p.add_argument("--correct-on", default="best", help="the quantizer methods the corrections run on")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")

@@ -71,3 +71,16 @@ def test_budget_extra_gives_each_model_the_same_headroom_over_round_to_nearest()
     assert b["budget"] == pytest.approx(rtn["bytes_ratio"] + 0.02, abs=1e-4)
     assert rtn["bytes_ratio"] < b["bytes_ratio"] <= b["budget"]
     assert b["sd15_bytes_ratio"] <= rtn["sd15_bytes_ratio"] + 0.02 + 1e-4 and b["sd15_bound"].startswith("≤")
+
+
+def test_corrections_run_on_top_of_a_calibrated_quantizer_and_are_scored_against_it():
+    res = quantizers.run(["W4A16"], ["rtn", "gptq"], ["euler"], [3.0], SEEDS, CALIB, CLASSES, corrections=["none", "tcec"],
+                         correct_on=("gptq",), **SMALL)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["rtn", "gptq", "gptq+tcec"]
+    c = rows["gptq+tcec"]
+    assert c["quantizer"] == "gptq" and c["correction"] == "tcec"
+    want = 1 - c["latent_mse"] / rows["gptq"]["latent_mse"]
+    assert c["vs_quantizer"]["gap_closed"]["estimate"] == pytest.approx(want, rel=1e-6)
+    assert c["calib_seconds"] > rows["gptq"]["calib_seconds"]
+    assert quantizers.table_rows(res)[2][-1] != "-"
