@@ -239,3 +239,47 @@ def test_the_budget_can_store_the_plans_16_bit_layers_at_int8_to_make_room(setti
         assert output_mse(cal, net, test) < output_mse(plain, net, test)
     no_kept = quantize_calibrated(Net(), "W4A16", stats, CalibratedConfig(budget=base / fp16, budget_options=("int8", "rank")))
     assert no_kept["allocation"]["spent_bytes"] == 0
+
+
+def test_layers_whose_input_size_does_not_fit_group_64_still_get_calibrated_rounding():
+    from tests.quant.test_fallback import EXPECTED, Mixed, inputs
+    from qcorrect.quant import plan_summary
+
+    net = Mixed().eval()
+    rows = {}
+
+    def grab(name):
+        def hook(mod, args):
+            x = args[0]
+            r = (F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride).transpose(1, 2).reshape(-1, mod.weight[0].numel())
+                 if isinstance(mod, nn.Conv2d) else x.reshape(-1, x.shape[-1]))
+            rows.setdefault(name, []).append(r)
+        return hook
+
+    hs = [m.register_forward_pre_hook(grab(n)) for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        for seed in range(40):
+            net(torch.randn(2, 128, 6, 6, generator=torch.Generator().manual_seed(seed)).cumsum(1) / 8)
+    for h in hs:
+        h.remove()
+    stats = {}
+    for n, r in rows.items():
+        r = torch.cat(r)
+        m = net.get_submodule(n)
+        stats[n] = LayerInputs.from_rows(r[: len(r) * 3 // 4], r[len(r) * 3 // 4 :],
+                                         channels=m.in_features if isinstance(m, nn.Linear) else m.in_channels,
+                                         kind="linear" if isinstance(m, nn.Linear) else "conv2d")
+    cal = Mixed()
+    rep = quantize_calibrated(cal, "W4A8", stats)
+    layers = quantized_layers(cal)
+    for name, (weight, note) in EXPECTED.items():
+        if weight is None:
+            assert name not in layers
+        else:
+            assert layers[name].wqtype.name == weight and layers[name].fallback == note
+            assert rep["layers"][name]["held_out_error_vs_rtn"] <= 1.0
+    assert any(rep["layers"][n]["rounding"].startswith("gptq") for n in ("c36", "c32", "l36", "l96"))
+    assert "with a fallback" in plan_summary(cal)
+    with torch.no_grad():
+        convs, lin = cal(inputs())
+    assert torch.isfinite(convs).all() and torch.isfinite(lin).all()
