@@ -87,3 +87,21 @@ def comfy(tmp_path_factory):
     ns.dir = Path(comfy_dir)
     ns.models = models
     return ns
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """The tiny random SD1.5 checkpoint and UNet file (``tiny_sd15.py``), built once per session."""
+    from . import server as srvmod
+    from . import tiny_sd15
+
+    return srvmod.shared("tiny_sd15", lambda: tiny_sd15.build_in_subprocess(tmp_path_factory.mktemp("tiny_sd15")))
+
+
+@pytest.fixture(scope="session")
+def comfy_server(request, tmp_path_factory, tiny_models):
+    """One real ComfyUI server for the session (``server.py``), with the tiny models available."""
+    from . import server as srvmod
+
+    models = {"checkpoints": [tiny_models["checkpoint"]], "diffusion_models": [tiny_models["unet"]]}
+    return srvmod.shared_server(request, tmp_path_factory, models)

@@ -50,17 +50,6 @@ WORKFLOWS = ["qcorrect_reference_end_to_end", "qcorrect_sd15", "qcorrect_shared_
              "qcorrect_relax_timesteps"]
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    return srvmod.shared("tiny_sd15", lambda: tiny_sd15.build_in_subprocess(tmp_path_factory.mktemp("tiny_sd15")))
-
-
-@pytest.fixture(scope="session")
-def comfy_server(request, tmp_path_factory, tiny_models):
-    models = {"checkpoints": [tiny_models["checkpoint"]], "diffusion_models": [tiny_models["unet"]]}
-    return srvmod.shared_server(request, tmp_path_factory, models)
-
-
 def readme_bullets() -> dict:
     """Display name -> the text of its bullet in nodes/README.md's "Inputs and outputs"."""
     text = (srvmod.REPO / "nodes" / "README.md").read_text()

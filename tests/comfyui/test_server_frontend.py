@@ -18,17 +18,6 @@ WORKFLOWS = srvmod.REPO / "workflows"
 NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    return srvmod.shared("tiny_sd15", lambda: tiny_sd15.build_in_subprocess(tmp_path_factory.mktemp("tiny_sd15")))
-
-
-@pytest.fixture(scope="session")
-def comfy_server(request, tmp_path_factory, tiny_models):
-    models = {"checkpoints": [tiny_models["checkpoint"]], "diffusion_models": [tiny_models["unet"]]}
-    return srvmod.shared_server(request, tmp_path_factory, models)
-
-
 @pytest.fixture(scope="module")
 def browser():
     why = screenshot.missing_requirements()

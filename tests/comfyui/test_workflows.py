@@ -35,17 +35,6 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    return srvmod.shared("tiny_sd15", lambda: tiny_sd15.build_in_subprocess(tmp_path_factory.mktemp("tiny_sd15")))
-
-
-@pytest.fixture(scope="session")
-def comfy_server(request, tmp_path_factory, tiny_models):
-    models = {"checkpoints": [tiny_models["checkpoint"]], "diffusion_models": [tiny_models["unet"]]}
-    return srvmod.shared_server(request, tmp_path_factory, models)
-
-
 def load(name: str) -> dict:
     return json.loads((WORKFLOWS / f"{name}.json").read_text())
 
