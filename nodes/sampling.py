@@ -8,6 +8,7 @@ points"), so every built-in sampler inherits the correction. What the engine app
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import comfy.model_management
@@ -186,8 +187,9 @@ class LoadCorrectionStats(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, stats_name):
+        """Re-run when the file changes (a new calibration under the same name)."""
         path = folder_paths.get_full_path(STATS_FOLDER, stats_name)
-        return comfy.utils.string_to_seed(f"{path}") if path is None else __import__("os").path.getmtime(path)
+        return None if path is None else os.path.getmtime(path)
 
 
 NODES = [CorrectedKSampler, CorrectionSampler, LoadCorrectionStats]
