@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from qcorrect.bench import common, demo
+from qcorrect.bench import common, demo, quantizers
 
 
 def test_default_threads_honours_omp_and_otherwise_takes_half_the_cpus(monkeypatch):
@@ -48,5 +48,5 @@ def test_the_demo_prints_the_calibrated_rows_next_to_round_to_nearest(monkeypatc
     assert demo.main(args) == 0
     cap = capsys.readouterr()
     assert "[demo" in cap.err and "calibrated W4A8 quantizer" in cap.err
-    assert "W4A8 calibrated (gptq)" in cap.out and "W4A8 best euler cfg 3: " in cap.out
+    assert f"W4A8 calibrated ({quantizers.BEST})" in cap.out and "W4A8 best euler cfg 3: " in cap.out
     assert (tmp_path / "grid.png").stat().st_size > 0
