@@ -275,7 +275,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                         row["summary"] = report["summary"]
                         if report.get("allocation"):
                             a = report["allocation"]
-                            row["allocation"] = {k: a[k] for k in ("int8", "ranks", "spent_bytes", "weighting") if k in a}
+                            row["allocation"] = {k: a[k] for k in ("int8", "ranks", "kept_int8", "spent_bytes", "weighting") if k in a}
                             if "note" in a:
                                 row["allocation"]["note"] = a["note"]
                     if method == "rtn":
