@@ -283,3 +283,18 @@ def test_layers_whose_input_size_does_not_fit_group_64_still_get_calibrated_roun
     with torch.no_grad():
         convs, lin = cal(inputs())
     assert torch.isfinite(convs).all() and torch.isfinite(lin).all()
+
+
+def test_statistics_singular_even_after_damping_fall_back_to_round_to_nearest(setting, monkeypatch):
+    from qcorrect.quant import gptq as gptq_mod
+
+    net, stats, _ = setting
+
+    def never(*a, **k):
+        raise RuntimeError("not positive definite")
+
+    with pytest.raises(QuantizationError, match="singular even after damping"):
+        monkeypatch.setattr(gptq_mod.torch.linalg, "cholesky", never)
+        gptq_mod.gptq_quantize(torch.randn(4, 64), torch.eye(64), "uint4_g64")
+    rep = quantize_calibrated(Net(), "W4A16", stats)
+    assert all(c["rounding"] == "rtn" and "singular" in c["gptq_error"] for c in rep["layers"].values())
