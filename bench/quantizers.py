@@ -16,8 +16,9 @@ Methods (``--methods``): ``rtn`` (round-to-nearest), ``gptq`` (GPTQ with activat
 fallback to round-to-nearest on held-out statistics), ``gptq_nofb`` (no fallback), ``gptq_natural``
 (natural column order), ``awq`` (AWQ-style scales, round-to-nearest), ``awq_gptq``, ``gptq_int8`` /
 ``gptq_rank`` / ``gptq_budget`` (GPTQ plus the ``--budget`` spent on int8 layers, low-rank branches,
-or both, weighted by each layer's measured sensitivity), ``all`` (every lever), ``best`` (the
-pack's default calibrated quantizer, :data:`BEST`).
+or both and the plan's 16-bit layers, weighted by each layer's measured sensitivity;
+``gptq_budget_nokept`` without the plan's layers; ``gptq_budget_rel`` weighted by relative output
+error, no probe), ``all`` (every lever), ``best`` (the pack's default calibrated quantizer, :data:`BEST`).
 """
 
 from __future__ import annotations
@@ -62,7 +63,11 @@ METHODS: dict[str, CalibratedConfig | None] = {
     "gptq_budget": CalibratedConfig(act_order="on", budget=0.30),
     "gptq_budget_nokept": CalibratedConfig(act_order="on", budget=0.30, budget_options=("int8", "rank")),
     "all": CalibratedConfig(act_order="on", awq=True, budget=0.30),
+    # the budget weighted by each layer's relative output error instead of the probe (no model runs)
+    "gptq_budget_rel": CalibratedConfig(act_order="on", budget=0.30),
 }
+#: budgeted methods that do not run the sensitivity probe
+NO_PROBE = {"gptq_budget_rel"}
 #: the default calibrated quantizer (docs/BENCHMARKS.md, "Calibrated quantizers"): GPTQ, then the
 #: 0.30× budget spent on int8 layers, low-rank branches and storing the plan's 16-bit layers at
 #: int8, by measured sensitivity. Chosen on the ablation (euler, CFG 3, seeds 1000–1127), then
@@ -245,7 +250,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                         quantize_model(qd.unet, preset)
                     else:
                         probe = None
-                        if mcfg.budget is not None:
+                        if mcfg.budget is not None and method not in NO_PROBE:
                             if probe_set is None:
                                 probe_set = probe_calls(SAMPLERS[sampler], x0, sigmas, extra, samples=PROBE_SAMPLES,
                                                         noise_sampler_factory=factory, denoiser=ref.denoiser)
