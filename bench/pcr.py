@@ -134,6 +134,24 @@ def average_bits(qden, sigmas) -> float:
     return sum(act.bits_at(s) for s in calls) / len(calls)
 
 
+def range_width_ratio(a, b) -> dict | None:
+    """How A's static ranges compare with B's: per layer and σ, width(A)/width(B); quantiles over
+    all (layer, σ) pairs, and the largest relative shift of an end, |Δlo| or |Δhi| over B's width.
+    ``None`` unless both have static ranges at the same σ's."""
+    ra, rb = [{n: m.act for n, m in quantized_layers(d.quantized).items() if m.act.mode == "static"} for d in (a, b)]
+    common = [n for n in ra if n in rb and torch.equal(ra[n].range_sigmas, rb[n].range_sigmas)]
+    if not common:
+        return None
+    wa = torch.cat([ra[n].range_hi - ra[n].range_lo for n in common])
+    wb = torch.cat([rb[n].range_hi - rb[n].range_lo for n in common]).clamp_min(1e-12)
+    shift = torch.cat([torch.maximum((ra[n].range_lo - rb[n].range_lo).abs(), (ra[n].range_hi - rb[n].range_hi).abs())
+                       for n in common]) / wb
+    r = wa / wb
+    q = torch.quantile(r, torch.tensor([0.1, 0.5, 0.9])).tolist()
+    return {"p10": q[0], "median": q[1], "p90": q[2], "mean": float(r.mean()), "shift_median": float(shift.median()),
+            "pairs": int(r.numel())}
+
+
 def _act_bits(qden) -> int:
     return min(m.act.qtype.bits for m in quantized_layers(qden.quantized).values() if m.act.qtype is not None)
 
@@ -279,6 +297,8 @@ def run(presets, seeds, classes, calib_seeds, calib_classes, *, sampler="euler",
             if a in evals and b in evals and (a, b) not in seen:
                 seen.add((a, b))
                 comparisons.append({"preset": preset, "a": a, "b": b, **compare(evals[a], evals[b], feat_fp)})
+                if a in dens and b in dens:
+                    comparisons[-1]["range_width_ratio"] = range_width_ratio(dens[a], dens[b])
     res = {"sampler": sampler, "scheduler": scheduler, "steps": steps, "calib_steps": calib_steps or steps,
            "cfg": cfg_scale, "n": len(seeds), "seeds": _span(seeds), "classes": classes, "fp_class_acc": fp_acc,
            "calibration": {"seeds": _span(calib_seeds), "classes": calib_classes, "n": len(calib_seeds),
@@ -387,6 +407,13 @@ def print_result(res: dict) -> None:
         if r.get("choice_totals"):
             print(f"{r['preset']} {r['config']}: auto chose, over layers × σ's, "
                   + ", ".join(f"{c} {n}" for c, n in r["choice_totals"].items()))
+    ratios = [x for x in res["comparisons"] if x.get("range_width_ratio")]
+    if ratios:
+        print()
+        print_table(["preset", "A vs B", "range width A/B: p10", "median", "p90", "median end shift (× B width)"],
+                    [[x["preset"], f"{x['a']} vs {x['b']}", *(f"{x['range_width_ratio'][k]:.3f}" for k in
+                                                             ("p10", "median", "p90", "shift_median"))]
+                     for x in ratios], out=sys.stdout)
     if res.get("cost"):
         k = res["cost"]
         print(f"\ncost of dynamic ranges ({k['preset']}): every call reduces {k['reference_elements_per_sample_call']:,} "

@@ -43,6 +43,10 @@ def test_rows_and_comparisons_of_a_small_run():
     assert a["fid_delta"]["estimate"] == pytest.approx(rows["progressive"]["fid_to_fp"] - rows["fp"]["fid_to_fp"],
                                                        rel=1e-6, abs=1e-9)
     assert res["calibration"]["classes"] == [0, 1] and res["classes"] == CLASSES
+    ratio = a["range_width_ratio"]
+    assert ratio["pairs"] == 79 * 3 and ratio["p10"] <= ratio["median"] <= ratio["p90"]
+    assert a.get("range_width_ratio") and next(c for c in res["comparisons"] if c["b"] == "dynamic")[
+        "range_width_ratio"] is None  # dynamic rows have no static ranges to compare
 
 
 def test_fid_difference_of_a_set_with_itself_is_exactly_zero():
