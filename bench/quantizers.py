@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..calibration.inputs import (
-    calibration_layers, collect_inputs, early_weight, layer_groups, layer_probe, probe_calls, stats_bytes,
+    DEFAULT_ROWS_PER_K, calibration_layers, collect_inputs, early_weight, layer_groups, layer_probe, probe_calls, stats_bytes,
 )
 from ..evaluation import paired_bootstrap_ci
 from ..quant import PRESETS, SigmaScopedDenoiser, quantize_model, resolve_plan
@@ -78,7 +78,7 @@ PROBE_SAMPLES = 2
 #: the memory bound reported for the SD1.5-shaped UNet's statistics (one pass per group that fits)
 SD15_STATS_MAX_BYTES = 8 << 30
 #: rows of input statistics kept per layer, × its input size K (calibration/inputs.py, "Cost")
-ROWS_PER_K = 32
+ROWS_PER_K = DEFAULT_ROWS_PER_K
 
 
 def method_config(name: str, budget: float, outlier_ratio: float | None) -> CalibratedConfig | None:

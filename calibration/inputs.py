@@ -43,6 +43,10 @@ from ..quant.plan import is_float_layer
 from .errors import CalibrationError
 
 
+#: input rows kept per layer, × its input size K, by default (``rows_per_k``; "Cost" above)
+DEFAULT_ROWS_PER_K = 32
+
+
 def early_weight(factor: float, sigma_min: float = 3.0) -> Callable[[float], float]:
     """A per-step weight: ``factor`` for calls with σ ≥ ``sigma_min``, else 1."""
     if not factor > 0:

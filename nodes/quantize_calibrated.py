@@ -18,7 +18,9 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io, ui
 
-from ..calibration.inputs import collect_inputs
+from ..calibration.inputs import (
+    DEFAULT_ROWS_PER_K, calibration_layers, collect_inputs, early_weight, layer_groups,
+)
 from ..quant import PRESETS, plan_summary
 from ..quant import preset as quant_preset
 from ..quant.calibrated import CalibratedConfig, calibrated_summary, quantize_calibrated
@@ -29,10 +31,21 @@ CATEGORY = "qcorrect"
 
 
 def collect_model_inputs(model, base, positive, negative, latent_image, seed, sampler, scheduler, steps, cfg,
-                         batches, baked) -> dict:
+                         batches, baked, early_steps_weight: float = 4.0, stats_memory_gb: float = 4.0) -> dict:
     """Sample ``model`` (as a patcher around our copy ``base``) over the calibration set and stream the
-    per-layer input statistics of ``base``'s diffusion model."""
+    per-layer input statistics of ``base``'s diffusion model.
+
+    The statistics live in host RAM, two float32 ``K×K`` sums per layer (52 GiB for all of SD1.5's
+    W4 layers): at most ``stats_memory_gb`` are held at once, the layers being collected in as many
+    sampling passes of the calibration set as that takes (deterministic sampling: every pass sees the
+    same trajectories, so the result does not depend on the bound, only the time). Each layer keeps
+    about ``DEFAULT_ROWS_PER_K × K`` input rows in all, which bounds the ``x xᵀ`` cost whatever the
+    resolution. The inputs of the calls with σ ≥ 3 weigh ``early_steps_weight`` (the first steps
+    make most of the final error; docs/BENCHMARKS.md, "Calibrated quantizers")."""
     work = patching.new_model_patcher(model, base, drop_patches=baked)
+    max_bytes = int(float(stats_memory_gb) * 2**30)
+    passes = len(layer_groups(calibration_layers(patching.diffusion_model(work)), max_bytes))
+    weight = None if float(early_steps_weight) == 1.0 else early_weight(float(early_steps_weight))
     latents, noise = calibration_set(work, latent_image, seed, batches)
     bs, n = latent_image["samples"].shape[0], noise.shape[0]
     sigmas = comfy.samplers.KSampler(work, steps=steps, device=work.load_device, sampler=sampler,
@@ -46,12 +59,13 @@ def collect_model_inputs(model, base, positive, negative, latent_image, seed, sa
             make = ancestral_noise(int(seed), tuple(x_init.shape[1:]), x_init.device, x_init.dtype)
             factory = lambda idx: make(int(idx[0]), int(idx[0]) + len(idx))  # noqa: E731
         return collect_inputs(q, patching.diffusion_model(work), sample_fn, x_init, sigmas, {}, batch_size=bs,
-                              noise_sampler_factory=factory, seed=int(seed))
+                              noise_sampler_factory=factory, seed=int(seed), step_weight=weight,
+                              max_bytes=max_bytes, rows_per_k=DEFAULT_ROWS_PER_K)
 
     guider = comfy.samplers.CFGGuider(work)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
-    run = GuidedRun(job, noise, latents, (sigmas.shape[-1] - 1) * math.ceil(n / bs))
+    run = GuidedRun(job, noise, latents, passes * (sigmas.shape[-1] - 1) * math.ceil(n / bs))
     guider.sample(noise[:bs], latents[:bs], run, sigmas, disable_pbar=True, seed=int(seed))
     return run.result
 
@@ -85,18 +99,24 @@ class QuantizeModelCalibrated(io.ComfyNode):
                 io.Float.Input("budget", default=0.30, min=0.0, max=1.0, step=0.01,
                                tooltip="Byte budget as a share of the model's fp16 bytes (0.30 = the measured best, see docs; 0 = the preset's bytes "
                                        "only); extra bytes go to int8 layers and low-rank branches."),
+                io.Float.Input("early_steps_weight", default=4.0, min=1.0, max=100.0, step=0.5, optional=True,
+                               tooltip="How much more the inputs of the first, noisiest steps (σ ≥ 3) count in the "
+                                       "calibration statistics (1 = all steps alike; 4 = the measured default)."),
+                io.Float.Input("stats_memory_gb", default=4.0, min=0.25, max=1024.0, step=0.25, optional=True,
+                               tooltip="Host RAM the per-layer input statistics may take at once. Layers that do not "
+                                       "fit together are collected in further sampling passes (slower, same result)."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, preset, positive, negative, latent_image, seed, sampler, scheduler, steps, cfg, batches,
-                rounding, awq, budget) -> io.NodeOutput:
+                rounding, awq, budget, early_steps_weight=4.0, stats_memory_gb=4.0) -> io.NodeOutput:
         plan = quant_preset(preset)
         config = CalibratedConfig(rounding=rounding, awq=bool(awq), budget=float(budget) or None).validate()
         sample_base, baked = patching.baked_copy(model, plan)
         collected = collect_model_inputs(model, sample_base, positive, negative, latent_image, seed, sampler,
-                                         scheduler, steps, cfg, batches, baked)
+                                         scheduler, steps, cfg, batches, baked, early_steps_weight, stats_memory_gb)
         del sample_base
         base, baked = patching.baked_copy(model, plan)  # a fresh copy: the sampled one was loaded by ComfyUI
         with torch.no_grad():
@@ -104,7 +124,8 @@ class QuantizeModelCalibrated(io.ComfyNode):
         out = patching.new_model_patcher(model, base, drop_patches=baked)
         lines = [plan_summary(base.diffusion_model), calibrated_summary(base.diffusion_model),
                  f"calibration: {collected['n_fit']} + {collected['n_hold']} held-out samples, input statistics "
-                 f"{collected['seconds']:.1f} s, peak {collected['peak_stats_bytes'] / 2**20:.1f} MiB",
+                 f"{collected['seconds']:.1f} s in {collected['passes']} sampling pass(es), peak "
+                 f"{collected['peak_stats_bytes'] / 2**20:.1f} MiB",
                  f"model size {out.model_size() / 2**20:.1f} MiB (input {model.model_size() / 2**20:.1f} MiB)"]
         return io.NodeOutput(out, ui=ui.PreviewText("\n".join(lines)))
 

@@ -252,6 +252,38 @@ def test_calibrated_quantize_model_rounds_with_error_compensation(comfy, fp):
     assert err_c < err_r
 
 
+def test_a_memory_bound_collects_the_statistics_in_more_passes_with_the_same_result(comfy, fp):
+    """Quantize Model (Calibrated)'s ``stats_memory_gb``: layers whose statistics do not fit together are
+    collected in further sampling passes; the statistics are the same, and the progress bar counts every pass."""
+    from comfy import utils
+    from nodekit import conditioning
+    from qcorrect.calibration.inputs import calibration_layers, stats_bytes
+    from qcorrect.nodes import patching
+    from qcorrect.nodes.quantize_calibrated import collect_model_inputs
+    from qcorrect.quant import preset
+
+    plan = preset("W4A8")
+    args = (conditioning(0), conditioning(1, 0.0), {"samples": torch.zeros(2, 4, 8, 8)}, 3, "euler", "normal", 3, 3.0, 2)
+    total = sum(stats_bytes(calibration_layers(fp.get_model_object("diffusion_model"))).values())
+    runs = {}
+    for gb in (64.0, total / 3 / 2**30):
+        base, baked = patching.baked_copy(fp, plan)
+        updates = []
+        utils.set_progress_bar_global_hook(lambda value, total_, preview, node_id=None: updates.append((value, total_)))
+        try:
+            runs[gb] = (collect_model_inputs(fp, base, *args, baked, 4.0, gb), updates)
+        finally:
+            utils.set_progress_bar_global_hook(None)
+    (one, up1), (many, upn) = runs.values()
+    assert one["passes"] == 1 and many["passes"] >= 3
+    assert many["peak_stats_bytes"] < one["peak_stats_bytes"]
+    assert up1[-1] == (3 * 2, 3 * 2) and upn[-1] == (many["passes"] * 6, many["passes"] * 6)
+    assert one["layers"].keys() == many["layers"].keys()
+    for name, s in one["layers"].items():
+        assert torch.allclose(s.h_fit, many["layers"][name].h_fit, rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(s.h_hold, many["layers"][name].h_hold, rtol=1e-5, atol=1e-6), name
+
+
 def test_cancelling_a_calibrated_quantization_leaves_no_model_and_the_input_untouched(comfy, fp):
     from comfy import model_management, utils
     from nodekit import conditioning

@@ -26,7 +26,7 @@ SPEC = {
     "QCorrectQuantizeModelCalibrated": ("Quantize Model (Calibrated)",
                                         ["model", "preset", "positive", "negative", "latent_image", "seed",
                                          "sampler", "scheduler", "steps", "cfg", "batches", "rounding", "awq",
-                                         "budget"], ["MODEL"]),
+                                         "budget", "early_steps_weight", "stats_memory_gb"], ["MODEL"]),
     "QCorrectRelaxTimesteps": ("Relax Timesteps", ["model", "fraction", "where", "bits", "steps", "scheduler"],
                                ["MODEL"]),
     "QCorrectCalibrateErrors": ("Calibrate Errors",
