@@ -158,10 +158,13 @@ def _against(per: dict, base: dict) -> dict:
     worst per-sample ratio and share of samples made worse."""
     mse, mse_b = per["latent_mse"], base["latent_mse"]
     ratio = mse / mse_b.clamp_min(1e-30)
+    worst = int(ratio.argmax())
     return {"gap_closed": _ci(paired_bootstrap_ci(mse.numpy(), mse_b.numpy(), stat="ratio")),
             "psnr_delta": _ci(paired_bootstrap_ci(per["psnr"].numpy(), base["psnr"].numpy())),
             "median_gap_closed": float((1 - ratio).median()), "worst_ratio": float(ratio.max()),
-            "worse_share": float((ratio > 1).double().mean())}
+            "worst_index": worst, "worst_mse": float(mse[worst]), "worst_base_mse": float(mse_b[worst]),
+            "share_of_mse_in_worst": float(mse[worst] / mse.sum().clamp_min(1e-30)),
+            "worse_share": float((ratio > 1).double().mean()), "over_2x": int((ratio > 2).sum())}
 
 
 def _corrected_row(ref, qden, corr, rc, qrow, per_q, per_rtn, calib_seeds, classes, seeds, labels, lat_fp, img_fp,
@@ -287,6 +290,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                         base = per
                     else:
                         row.update(_against(per, base))
+                        row["worst_seed"] = seeds[row["worst_index"]]
                     if keep_images:
                         images[(sampler, cfg_scale, preset, method)] = img
                     rows.append(row)
@@ -349,6 +353,10 @@ def print_result(res: dict) -> None:
               f"{m['peak_bytes'] / 2**30:.2f} GiB at max_bytes={m['max_bytes'] / 2**30:.0f} GiB by {m['passes']} "
               "sampling passes")
     for r in res["rows"]:
+        if "worst_seed" in r:
+            print(f"{r['preset']} {r['method']} {r['sampler']} cfg {r['cfg']:g}: worst sample seed {r['worst_seed']}, latent MSE "
+                  f"{r['worst_base_mse']:.4f} (round-to-nearest) -> {r['worst_mse']:.4f}, {100 * r['share_of_mse_in_worst']:.0f}% "
+                  f"of the method's summed latent MSE; {r['over_2x']} sample(s) more than 2x worse")
         if "auto" in r:
             print(f"{r['preset']} {r['method']} {r['sampler']} cfg {r['cfg']:g}: {r['auto']}")
         if "summary" in r:

@@ -39,6 +39,9 @@ def test_rows_compare_every_method_with_round_to_nearest_on_the_same_samples(res
     assert g["gap_closed"]["low"] <= g["gap_closed"]["estimate"] <= g["gap_closed"]["high"]
     assert g["gap_closed"]["estimate"] == pytest.approx(1 - g["latent_mse"] / rows["rtn"]["latent_mse"], rel=1e-6)
     assert 0 <= g["worse_share"] <= 1 and g["worst_ratio"] > 0
+    assert g["worst_seed"] == SEEDS[g["worst_index"]]
+    assert g["worst_ratio"] == pytest.approx(g["worst_mse"] / g["worst_base_mse"], rel=1e-5)
+    assert 0 < g["share_of_mse_in_worst"] <= 1 and g["over_2x"] <= round(g["worse_share"] * len(SEEDS))
     assert g["bytes_ratio"] == rows["rtn"]["bytes_ratio"]  # GPTQ costs no byte
     assert g["calib_seconds"] > 0 and "GPTQ" in g["summary"]
     b = rows["gptq_budget"]
