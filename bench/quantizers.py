@@ -204,19 +204,26 @@ def _fp16_ref_bytes(unet) -> int:
 
 def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20, scheduler="normal", budget=0.30,
         step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False, rows_per_k=ROWS_PER_K,
-        budget_extra=None, corrections=(), correct_on=("best",)):
+        budget_extra=None, corrections=(), correct_on=("best",), damp=None, calib_sets=1):
     """``budget``: the budgeted methods' cap, × each model's fp16 bytes; with ``budget_extra`` the cap is
     instead each model's round-to-nearest ratio plus that much (the same headroom on the reference
     model and on the SD1.5-shaped UNet, whose fixed 16-bit share differs tenfold). ``corrections``:
     correction methods (``bench quality``'s names, ``auto`` included) calibrated on the calibration seeds
-    on top of each quantizer method in ``correct_on`` and scored against that quantizer uncorrected."""
-    check_disjoint(calib_seeds, seeds)
+    on top of each quantizer method in ``correct_on`` and scored against that quantizer uncorrected.
+    ``damp``: GPTQ's damping for every calibrated method (default: each method's own). ``calib_sets``: each
+    calibrated method also calibrated on K − 1 further disjoint calibration sets (the seeds shifted by their
+    count, rows ``method#k``), and each compared per sample with set 1 (``set_comparisons``): how far two
+    equally made quantizers lie apart, sample by sample."""
+    if calib_sets < 1:
+        raise SystemExit("--calib-sets must be at least 1")
+    all_calib = [s + k * len(calib_seeds) for k in range(calib_sets) for s in calib_seeds]
+    check_disjoint(all_calib, seeds)
     ref = load_reference()
     grid = ref.denoiser.sigmas
-    labels, calib_labels = labels_for(seeds, classes), labels_for(calib_seeds, classes)
+    labels = labels_for(seeds, classes)
     fp16_ref = _fp16_ref_bytes(ref.unet)
     sd15 = {}
-    rows, images, collections = [], {}, []
+    rows, images, collections, set_comparisons, rtn_ratios = [], {}, [], [], {}
     for sampler in samplers:
         for cfg_scale in cfgs:
             rc = RunConfig(sampler, scheduler, steps, cfg_scale, batch_size).validate()
@@ -226,84 +233,98 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
             img_fp = decode(ref.autoencoder, lat_fp)
             images[(sampler, cfg_scale, "FP")] = img_fp
             log(f"# {sampler} cfg {cfg_scale}: FP sampled in {time.perf_counter() - t0:.1f} s")
-            x0 = start_latent(initial_noise(calib_seeds, LATENT), sigmas, grid)
-            extra = {"cond": calib_labels, "cfg_scale": cfg_scale}
-            factory = lambda idx: PerSampleNoise([calib_seeds[i] for i in idx], LATENT)  # noqa: E731
-            weight = None if step_weight == 1.0 else early_weight(step_weight)
-            col = collect_inputs(ref.denoiser, ref.denoiser.unet, SAMPLERS[sampler], x0, sigmas, extra,
-                                 noise_sampler_factory=factory, step_weight=weight, batch_size=16,
-                                 rows_per_k=rows_per_k,
-                                 progress=lambda d, t: log(f"# {sampler} cfg {cfg_scale}: input statistics, "
-                                                           f"batch {d}/{t}"))
-            collections.append({"sampler": sampler, "cfg": cfg_scale, "seconds": round(col["seconds"], 1),
-                                "peak_stats_bytes": col["peak_stats_bytes"], "n_fit": col["n_fit"], "n_hold": col["n_hold"]})
-            log(f"# {sampler} cfg {cfg_scale}: input statistics of {len(calib_seeds)} calibration samples in "
-                f"{col['seconds']:.1f} s ({col['peak_stats_bytes'] / 2**20:.0f} MiB)")
-            probe_set = None
-            for preset in presets:
-                base = None
-                for method in methods:
-                    mcfg = method_config(method, budget, outlier_ratio)
-                    if mcfg is not None and mcfg.budget is not None and budget_extra is not None:
-                        mcfg = replace(mcfg, budget=rtn_ratio + budget_extra)
-                    qd = copy.deepcopy(ref.denoiser)
-                    t1 = time.perf_counter()
-                    report = None
-                    if mcfg is None:
-                        quantize_model(qd.unet, preset)
-                    else:
-                        probe = None
-                        if mcfg.budget is not None and method not in NO_PROBE:
-                            if probe_set is None:
-                                probe_set = probe_calls(SAMPLERS[sampler], x0, sigmas, extra, samples=PROBE_SAMPLES,
-                                                        noise_sampler_factory=factory, denoiser=ref.denoiser)
-                            probe = layer_probe(qd, qd.unet, probe_set, weight)
-                        report = quantize_calibrated(qd.unet, preset, col["layers"], mcfg, sensitivity=probe)
-                    solve = time.perf_counter() - t1
-                    qden = SigmaScopedDenoiser(qd, qd.unet)
-                    t2 = time.perf_counter()
-                    lat = sample_latents(qden, rc, seeds, labels, grid)
-                    img = decode(ref.autoencoder, lat)
-                    per = per_sample_metrics(lat, lat_fp, img, img_fp)
-                    row = {"preset": preset, "method": method, "sampler": sampler, "cfg": cfg_scale,
-                           **summary(lat, lat_fp, img, img_fp, labels, ref.classifier),
-                           "bytes_ratio": round(resident_bytes(copy.deepcopy(qd.unet).half()) / fp16_ref, 4),
-                           "calib_seconds": 0.0 if mcfg is None else round(col["seconds"] + solve, 1),
-                           "solve_seconds": round(solve, 1), "sample_seconds": round(time.perf_counter() - t2, 1)}
-                    key = (preset, method)
-                    if method == "rtn":
-                        rtn_ratio = row["bytes_ratio"]
-                    if mcfg is not None and mcfg.budget is not None:
-                        row["budget"] = round(mcfg.budget, 4)
-                    if key not in sd15:
-                        sd15[key] = sd15_bytes_ratio(preset, mcfg, budget_extra)
-                    row["sd15_bytes_ratio"] = sd15[key]["ratio"]
-                    row["sd15_bound"] = sd15[key]["bound"]
-                    if report is not None:
-                        row["summary"] = report["summary"]
-                        if report.get("allocation"):
-                            a = report["allocation"]
-                            row["allocation"] = {k: a[k] for k in ("int8", "ranks", "kept_int8", "spent_bytes", "weighting") if k in a}
-                            if "note" in a:
-                                row["allocation"]["note"] = a["note"]
-                    if method == "rtn":
-                        base = per
-                    else:
-                        row.update(_against(per, base))
-                        row["worst_seed"] = seeds[row["worst_index"]]
-                    if keep_images:
-                        images[(sampler, cfg_scale, preset, method)] = img
-                    rows.append(row)
-                    log(f"# {sampler} cfg {cfg_scale}: {preset} {method} in {solve:.1f} s + sampling "
-                        f"{row['sample_seconds']:.1f} s")
-                    if method != "rtn" and method in correct_on:
-                        for corr in (c for c in corrections if c != "none"):
-                            rows.append(_corrected_row(ref, qden, corr, rc, row, per, base, calib_seeds, classes, seeds,
-                                                       labels, lat_fp, img_fp, preset, method, log))
+            pers = {}
+            for k in range(1, calib_sets + 1):
+                cal = [s + (k - 1) * len(calib_seeds) for s in calib_seeds]
+                x0 = start_latent(initial_noise(cal, LATENT), sigmas, grid)
+                extra = {"cond": labels_for(cal, classes), "cfg_scale": cfg_scale}
+                factory = lambda idx, cal=cal: PerSampleNoise([cal[i] for i in idx], LATENT)  # noqa: E731
+                weight = None if step_weight == 1.0 else early_weight(step_weight)
+                col = collect_inputs(ref.denoiser, ref.denoiser.unet, SAMPLERS[sampler], x0, sigmas, extra,
+                                     noise_sampler_factory=factory, step_weight=weight, batch_size=16,
+                                     rows_per_k=rows_per_k,
+                                     progress=lambda d, t: log(f"# {sampler} cfg {cfg_scale}: input statistics, "
+                                                               f"batch {d}/{t}"))
+                collections.append({"sampler": sampler, "cfg": cfg_scale, "calib_set": k,
+                                    "seconds": round(col["seconds"], 1), "peak_stats_bytes": col["peak_stats_bytes"],
+                                    "n_fit": col["n_fit"], "n_hold": col["n_hold"]})
+                log(f"# {sampler} cfg {cfg_scale}: input statistics of {len(cal)} calibration samples (set {k}) in "
+                    f"{col['seconds']:.1f} s ({col['peak_stats_bytes'] / 2**20:.0f} MiB)")
+                probe_set = None
+                for preset in presets:
+                    base = pers.get((preset, "rtn", 1))
+                    for method in (methods if k == 1 else [m for m in methods if m != "rtn"]):
+                        mcfg = method_config(method, budget, outlier_ratio)
+                        if mcfg is not None and damp is not None:
+                            mcfg = replace(mcfg, damp=damp)
+                        if mcfg is not None and mcfg.budget is not None and budget_extra is not None:
+                            mcfg = replace(mcfg, budget=rtn_ratios[preset] + budget_extra)
+                        qd = copy.deepcopy(ref.denoiser)
+                        t1 = time.perf_counter()
+                        report = None
+                        if mcfg is None:
+                            quantize_model(qd.unet, preset)
+                        else:
+                            probe = None
+                            if mcfg.budget is not None and method not in NO_PROBE:
+                                if probe_set is None:
+                                    probe_set = probe_calls(SAMPLERS[sampler], x0, sigmas, extra, samples=PROBE_SAMPLES,
+                                                            noise_sampler_factory=factory, denoiser=ref.denoiser)
+                                probe = layer_probe(qd, qd.unet, probe_set, weight)
+                            report = quantize_calibrated(qd.unet, preset, col["layers"], mcfg, sensitivity=probe)
+                        solve = time.perf_counter() - t1
+                        qden = SigmaScopedDenoiser(qd, qd.unet)
+                        t2 = time.perf_counter()
+                        lat = sample_latents(qden, rc, seeds, labels, grid)
+                        img = decode(ref.autoencoder, lat)
+                        per = per_sample_metrics(lat, lat_fp, img, img_fp)
+                        row = {"preset": preset, "method": method + ("" if k == 1 else f"#{k}"), "sampler": sampler,
+                               "cfg": cfg_scale, "calib_seeds": _span(cal),
+                               **summary(lat, lat_fp, img, img_fp, labels, ref.classifier),
+                               "bytes_ratio": round(resident_bytes(copy.deepcopy(qd.unet).half()) / fp16_ref, 4),
+                               "calib_seconds": 0.0 if mcfg is None else round(col["seconds"] + solve, 1),
+                               "solve_seconds": round(solve, 1), "sample_seconds": round(time.perf_counter() - t2, 1)}
+                        key = (preset, method)
+                        if method == "rtn":
+                            rtn_ratios[preset] = row["bytes_ratio"]
+                        if mcfg is not None and mcfg.budget is not None:
+                            row["budget"] = round(mcfg.budget, 4)
+                        if key not in sd15:
+                            sd15[key] = sd15_bytes_ratio(preset, mcfg, budget_extra)
+                        row["sd15_bytes_ratio"] = sd15[key]["ratio"]
+                        row["sd15_bound"] = sd15[key]["bound"]
+                        if report is not None:
+                            row["summary"] = report["summary"]
+                            if report.get("allocation"):
+                                a = report["allocation"]
+                                row["allocation"] = {f: a[f] for f in ("int8", "ranks", "kept_int8", "spent_bytes", "weighting")
+                                                     if f in a}
+                                if "note" in a:
+                                    row["allocation"]["note"] = a["note"]
+                        pers[(preset, method, k)] = per
+                        if method == "rtn":
+                            base = per
+                        else:
+                            row.update(_against(per, base))
+                            row["worst_seed"] = seeds[row["worst_index"]]
+                        if keep_images:
+                            images[(sampler, cfg_scale, preset, method)] = img
+                        rows.append(row)
+                        log(f"# {sampler} cfg {cfg_scale}: {preset} {method} in {solve:.1f} s + sampling "
+                            f"{row['sample_seconds']:.1f} s")
+                        if k > 1:
+                            set_comparisons.append({"preset": preset, "sampler": sampler, "cfg": cfg_scale,
+                                                    "a": row["method"], "b": method,
+                                                    **_against(per, pers[(preset, method, 1)])})
+                        if k == 1 and method != "rtn" and method in correct_on:
+                            for corr in (c for c in corrections if c != "none"):
+                                rows.append(_corrected_row(ref, qden, corr, rc, row, per, base, cal, classes, seeds,
+                                                           labels, lat_fp, img_fp, preset, method, log))
     res = {"steps": steps, "scheduler": scheduler, "corrections": list(corrections), "n": len(seeds), "seeds": _span(seeds),
            "calib_seeds": _span(calib_seeds), "classes": classes, "budget": budget, "budget_extra": budget_extra,
            "step_weight": step_weight,
            "outlier_ratio": outlier_ratio, "rows_per_k": rows_per_k, "best": BEST, "collections": collections, "rows": rows,
+           "set_comparisons": set_comparisons, "damp": damp, "calib_sets": calib_sets,
            "sd15": {f"{p}/{m}": v for (p, m), v in sd15.items()}, "sd15_stats": sd15_stats_memory()}
     if keep_images:
         res["images"] = images
@@ -352,6 +373,12 @@ def print_result(res: dict) -> None:
               f"(largest {m['largest_layer']}: {m['largest_bytes'] / 2**30:.2f} GiB); bounded to "
               f"{m['peak_bytes'] / 2**30:.2f} GiB at max_bytes={m['max_bytes'] / 2**30:.0f} GiB by {m['passes']} "
               "sampling passes")
+    if res.get("set_comparisons"):
+        print("\nthe same method calibrated on another calibration set, per sample against set 1:")
+        print_table(["preset", "sampler", "cfg", "A vs B", "mean MSE A/B", "median ratio", "worst ratio", "> 2x", "worse %"],
+                    [[c["preset"], c["sampler"], f"{c['cfg']:g}", f"{c['a']} vs {c['b']}",
+                      f"{1 - c['gap_closed']['estimate']:.3f}", f"{1 - c['median_gap_closed']:.3f}", f"{c['worst_ratio']:.2f}",
+                      str(c["over_2x"]), f"{100 * c['worse_share']:.0f}"] for c in res["set_comparisons"]])
     for r in res["rows"]:
         if "worst_seed" in r:
             print(f"{r['preset']} {r['method']} {r['sampler']} cfg {r['cfg']:g}: worst sample seed {r['worst_seed']}, latent MSE "
@@ -376,7 +403,8 @@ def main(args) -> int:
               args.steps, args.scheduler, args.budget, args.step_weight, args.outlier_ratio or None, args.batch,
               rows_per_k=args.rows_per_k or None, budget_extra=args.budget_extra,
               corrections=expand_methods(args.corrections, args.sampler.split(",")) if args.corrections else (),
-              correct_on=tuple(m.strip() for m in args.correct_on.split(",")))
+              correct_on=tuple(m.strip() for m in args.correct_on.split(",")), damp=args.damp,
+              calib_sets=args.calib_sets)
     print_result(res)
     if args.json:
         emit_json(res)
@@ -407,6 +435,12 @@ def add_parser(sub) -> None:
     p.add_argument("--corrections", default=None,
                    help="correction methods (bench quality's names, 'all') calibrated on top of --correct-on")
     p.add_argument("--correct-on", default="best", help="the quantizer methods the corrections run on")
+    p.add_argument("--damp", type=float, default=None,
+                   help="GPTQ damping, × the mean diagonal of the input second moments, for every calibrated method "
+                        "(default: each method's, 0.01)")
+    p.add_argument("--calib-sets", type=int, default=1,
+                   help="also calibrate every method on K-1 further disjoint calibration sets (seeds shifted by their "
+                        "count) and compare each with set 1 sample by sample")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")

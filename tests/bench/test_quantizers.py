@@ -87,3 +87,31 @@ def test_corrections_run_on_top_of_a_calibrated_quantizer_and_are_scored_against
     assert c["vs_quantizer"]["gap_closed"]["estimate"] == pytest.approx(want, rel=1e-6)
     assert c["calib_seconds"] > rows["gptq"]["calib_seconds"]
     assert quantizers.table_rows(res)[2][-1] != "-"
+
+
+def test_a_second_calibration_set_is_disjoint_and_compared_sample_by_sample_with_the_first():
+    res = quantizers.run(["W4A16"], ["rtn", "gptq"], ["euler"], [3.0], SEEDS, CALIB[:4], CLASSES, calib_sets=2,
+                         damp=0.05, **SMALL)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["rtn", "gptq", "gptq#2"]  # round-to-nearest needs no calibration: sampled once
+    assert rows["gptq"]["calib_seeds"] == "0-3" and rows["gptq#2"]["calib_seeds"] == "4-7"
+    assert [c["calib_set"] for c in res["collections"]] == [1, 2]
+    (cmp,) = res["set_comparisons"]
+    assert (cmp["a"], cmp["b"]) == ("gptq#2", "gptq")
+    # the per-sample comparison of set 2 with set 1 is the ratio of their latent MSEs
+    ratio_mean = rows["gptq#2"]["latent_mse"] / rows["gptq"]["latent_mse"]
+    assert 1 - cmp["gap_closed"]["estimate"] == pytest.approx(ratio_mean, rel=1e-5)
+    assert rows["gptq#2"]["latent_mse"] != rows["gptq"]["latent_mse"]  # other statistics, other rounding
+    assert res["damp"] == 0.05
+
+
+def test_calibration_sets_that_would_reach_the_evaluation_seeds_are_refused():
+    with pytest.raises(SystemExit, match="overlap"):
+        quantizers.run(["W4A16"], ["rtn", "gptq"], ["euler"], [3.0], [8, 9], CALIB, CLASSES, calib_sets=2, **SMALL)
+
+
+def test_damping_reaches_the_solver():
+    runs = [quantizers.run(["W4A16"], ["rtn", "gptq"], ["euler"], [3.0], SEEDS, CALIB[:4], CLASSES, damp=d, **SMALL)
+            for d in (0.01, 100.0)]
+    gptq = [next(r for r in res["rows"] if r["method"] == "gptq") for res in runs]
+    assert gptq[0]["latent_mse"] != gptq[1]["latent_mse"]
