@@ -153,6 +153,18 @@ def sd15_stats_memory(max_bytes: int = SD15_STATS_MAX_BYTES) -> dict:
             "peak_bytes": max(sum(sizes[n] for n in g) for g in groups)}
 
 
+#: a sample whose latent MSE to full precision exceeds this has visibly left the FP image (typical
+#: W4A8 round-to-nearest samples sit near 0.01; two unrelated images are about 2 apart)
+TIPPED_MSE = 0.1
+
+
+def _tail(per: dict) -> dict:
+    """The upper tail of the per-sample latent MSE to full precision, in absolute terms."""
+    mse = per["latent_mse"]
+    return {"p95_mse": float(torch.quantile(mse.double(), 0.95)), "max_mse": float(mse.max()),
+            "tipped": int((mse > TIPPED_MSE).sum()), "per_sample_latent_mse": [float(f"{float(v):.7g}") for v in mse]}
+
+
 def _against(per: dict, base: dict) -> dict:
     """Gap closed against ``base``'s latent MSE (paired bootstrap), ΔPSNR, median per-sample gap,
     worst per-sample ratio and share of samples made worse."""
@@ -179,7 +191,7 @@ def _corrected_row(ref, qden, corr, rc, qrow, per_q, per_rtn, calib_seeds, class
     per = per_sample_metrics(lat, lat_fp, img, img_fp)
     row = {**{k: qrow[k] for k in ("preset", "sampler", "cfg", "bytes_ratio", "sd15_bytes_ratio", "sd15_bound")},
            "method": f"{method}+{corr}", "quantizer": method, "correction": corr,
-           **summary(lat, lat_fp, img, img_fp, labels, ref.classifier), **_against(per, per_rtn),
+           **summary(lat, lat_fp, img, img_fp, labels, ref.classifier), **_tail(per), **_against(per, per_rtn),
            "calib_seconds": round(qrow["calib_seconds"] + secs, 1), "correction_calib_seconds": round(secs, 1),
            "sample_seconds": round(time.perf_counter() - t0, 1)}
     row["vs_quantizer"] = _against(per, per_q)
@@ -281,6 +293,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                         row = {"preset": preset, "method": method + ("" if k == 1 else f"#{k}"), "sampler": sampler,
                                "cfg": cfg_scale, "calib_seeds": _span(cal),
                                **summary(lat, lat_fp, img, img_fp, labels, ref.classifier),
+                               **_tail(per),
                                "bytes_ratio": round(resident_bytes(copy.deepcopy(qd.unet).half()) / fp16_ref, 4),
                                "calib_seconds": 0.0 if mcfg is None else round(col["seconds"] + solve, 1),
                                "solve_seconds": round(solve, 1), "sample_seconds": round(time.perf_counter() - t2, 1)}
@@ -379,6 +392,10 @@ def print_result(res: dict) -> None:
                     [[c["preset"], c["sampler"], f"{c['cfg']:g}", f"{c['a']} vs {c['b']}",
                       f"{1 - c['gap_closed']['estimate']:.3f}", f"{1 - c['median_gap_closed']:.3f}", f"{c['worst_ratio']:.2f}",
                       str(c["over_2x"]), f"{100 * c['worse_share']:.0f}"] for c in res["set_comparisons"]])
+    print(f"\nthe tail in absolute terms (latent MSE to FP per sample; 'tipped': above {TIPPED_MSE:g}):")
+    print_table(["preset", "method", "sampler", "cfg", "95th percentile", "max", "tipped"],
+                [[r["preset"], r["method"], r["sampler"], f"{r['cfg']:g}", f"{r['p95_mse']:.4f}", f"{r['max_mse']:.4f}",
+                  f"{r['tipped']} of {res['n']}"] for r in res["rows"] if "p95_mse" in r])
     for r in res["rows"]:
         if "worst_seed" in r:
             print(f"{r['preset']} {r['method']} {r['sampler']} cfg {r['cfg']:g}: worst sample seed {r['worst_seed']}, latent MSE "

@@ -40,6 +40,12 @@ def test_rows_compare_every_method_with_round_to_nearest_on_the_same_samples(res
     assert g["gap_closed"]["estimate"] == pytest.approx(1 - g["latent_mse"] / rows["rtn"]["latent_mse"], rel=1e-6)
     assert 0 <= g["worse_share"] <= 1 and g["worst_ratio"] > 0
     assert g["worst_seed"] == SEEDS[g["worst_index"]]
+    for r in rows.values():  # the absolute tail is the per-sample latent MSE the mean is made of
+        per = r["per_sample_latent_mse"]
+        assert len(per) == len(SEEDS) and sum(per) / len(per) == pytest.approx(r["latent_mse"], rel=1e-4)
+        assert r["max_mse"] == pytest.approx(max(per), rel=1e-4) and r["p95_mse"] <= r["max_mse"] + 1e-9
+        assert r["tipped"] == sum(v > quantizers.TIPPED_MSE for v in per)
+    assert g["worst_mse"] == pytest.approx(g["per_sample_latent_mse"][g["worst_index"]], rel=1e-4)
     assert g["worst_ratio"] == pytest.approx(g["worst_mse"] / g["worst_base_mse"], rel=1e-5)
     assert 0 < g["share_of_mse_in_worst"] <= 1 and g["over_2x"] <= round(g["worse_share"] * len(SEEDS))
     assert g["bytes_ratio"] == rows["rtn"]["bytes_ratio"]  # GPTQ costs no byte
