@@ -77,8 +77,6 @@ METHODS["best"] = METHODS[BEST]
 PROBE_SAMPLES = 2
 #: the memory bound reported for the SD1.5-shaped UNet's statistics (one pass per group that fits)
 SD15_STATS_MAX_BYTES = 8 << 30
-#: rows of input statistics kept per layer, × its input size K (calibration/inputs.py, "Cost")
-ROWS_PER_K = DEFAULT_ROWS_PER_K
 
 
 def method_config(name: str, budget: float, outlier_ratio: float | None) -> CalibratedConfig | None:
@@ -215,7 +213,7 @@ def _fp16_ref_bytes(unet) -> int:
 
 
 def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20, scheduler="normal", budget=0.30,
-        step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False, rows_per_k=ROWS_PER_K,
+        step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False, rows_per_k=DEFAULT_ROWS_PER_K,
         budget_extra=None, corrections=(), correct_on=("best",), damp=None, calib_sets=1):
     """``budget``: the budgeted methods' cap, × each model's fp16 bytes; with ``budget_extra`` the cap is
     instead each model's round-to-nearest ratio plus that much (the same headroom on the reference
@@ -447,7 +445,7 @@ def add_parser(sub) -> None:
                    help="weight of the calibration inputs of steps with σ ≥ 3 (the first 7 of 20), others 1")
     p.add_argument("--outlier-ratio", type=float, default=1000.0,
                    help="channel |x| max/median from which a layer keeps 16-bit activations (0: off)")
-    p.add_argument("--rows-per-k", type=float, default=ROWS_PER_K,
+    p.add_argument("--rows-per-k", type=float, default=DEFAULT_ROWS_PER_K,
                    help="input-statistics rows kept per layer, × its input size (0: every row; cost grows with it)")
     p.add_argument("--corrections", default=None,
                    help="correction methods (bench quality's names, 'all') calibrated on top of --correct-on")
