@@ -19,6 +19,16 @@ fallback to round-to-nearest on held-out statistics), ``gptq_nofb`` (no fallback
 or both and the plan's 16-bit layers, weighted by each layer's measured sensitivity;
 ``gptq_budget_nokept`` without the plan's layers; ``gptq_budget_rel`` weighted by relative output
 error, no probe), ``all`` (every lever), ``best`` (the pack's default calibrated quantizer, :data:`BEST`).
+
+Two diagnostics place every method on one scale. ``early_error`` is the one-step error of the
+model's output on the FP trajectory's own states at the steps with σ ≥ 3 (the first 7 of 20, where
+83–87% of the final error is made): ``mean‖D_q(x_i, σ_i) − D_fp(x_i, σ_i)‖²`` over those states,
+and ``early_error_ratio`` its ratio to round-to-nearest's. With ``--amplitudes a,…`` the bench also
+samples analysis rows ``rtn×a``: the round-to-nearest model with its weight error scaled by ``a``
+(every quantized layer computes with ``W + a·(Q(W) − W)``, activations quantized as the preset says),
+a fake quantizer that stores nothing new and exists to show how the end-to-end gap (mean, median,
+tail) responds to the size of the weight error alone; a real method whose ``early_error_ratio`` is
+``r`` sits near the ``rtn×√r`` row.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from ..evaluation import paired_bootstrap_ci
 from ..quant import PRESETS, SigmaScopedDenoiser, quantize_model, resolve_plan
 from ..quant.budget import RANK_STEP, layer_bytes
 from ..quant.calibrated import CalibratedConfig, quantize_calibrated
+from ..quant.modules import QUANT_LAYERS
 from ..reference.model import load_reference
 from ..reference.samplers import SAMPLERS
 from ..reference.schedules import get_sigmas
@@ -151,6 +162,58 @@ def sd15_stats_memory(max_bytes: int = SD15_STATS_MAX_BYTES) -> dict:
             "peak_bytes": max(sum(sizes[n] for n in g) for g in groups)}
 
 
+#: the steps whose one-step model error ``early_error`` measures (σ ≥ this: the first 7 of 20)
+EARLY_SIGMA = 3.0
+
+
+def _recording_sampler(sampler: str, states: list, sigma_min: float = EARLY_SIGMA):
+    """The named sampler, recording ``(x, σ̂, D_fp(x, σ̂), extra)`` at every step with σ̂ ≥ ``sigma_min``."""
+    fn = SAMPLERS[sampler]
+
+    def run_sampler(model, x, sigmas, extra, callback, disable, **kw):
+        def record(d):
+            if float(d["sigma_hat"]) >= sigma_min:
+                states.append((d["x"].clone(), float(d["sigma_hat"]), d["denoised"].clone(), dict(extra)))
+        return fn(model, x, sigmas, extra, record, disable, **kw)
+
+    return run_sampler
+
+
+@torch.no_grad()
+def early_error(denoiser, states: list) -> float:
+    """Mean squared one-step error of ``denoiser``'s output against FP's on the recorded FP states."""
+    total, count = 0.0, 0
+    for x, sigma, den, extra in states:
+        out = denoiser(x, torch.full((len(x),), sigma, dtype=x.dtype), **extra)
+        total += float(((out.float() - den.float()) ** 2).sum())
+        count += den.numel()
+    return total / max(count, 1)
+
+
+class _ScaledError:
+    """A weight patch ``w ↦ W + a·(w − W)``: the layer's quantization error scaled by ``a``."""
+
+    def __init__(self, fp: torch.Tensor, amplitude: float) -> None:
+        self.fp, self.amplitude = fp.detach().float().clone(), float(amplitude)
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        fp = self.fp.to(device=w.device, dtype=w.dtype)
+        return fp + self.amplitude * (w - fp)
+
+
+def scale_weight_error(quantized: nn.Module, fp: nn.Module, amplitude: float) -> int:
+    """Patch every quantized layer of ``quantized`` (a quantized copy of ``fp``) to compute with its
+    FP weight plus ``amplitude`` × its quantization error; returns the number of layers patched."""
+    if not amplitude >= 0:
+        raise SystemExit(f"amplitudes must be non-negative, got {amplitude!r}")
+    n = 0
+    for name, m in quantized.named_modules():
+        if isinstance(m, QUANT_LAYERS):
+            m.weight_function = [_ScaledError(fp.get_submodule(name).weight, amplitude)]
+            n += 1
+    return n
+
+
 #: a sample whose latent MSE to full precision exceeds this has visibly left the FP image (typical
 #: W4A8 round-to-nearest samples sit near 0.01; two unrelated images are about 2 apart)
 TIPPED_MSE = 0.1
@@ -200,6 +263,28 @@ def _corrected_row(ref, qden, corr, rc, qrow, per_q, per_rtn, calib_seeds, class
     return row
 
 
+def _amplitude_row(ref, qd, amplitude, rc, seeds, labels, grid, lat_fp, img_fp, states, per_rtn, rtn_early, rtn_row,
+                   log) -> dict:
+    """The analysis row ``rtn×a``: round-to-nearest's model with its weight error scaled by ``a``."""
+    qa = copy.deepcopy(qd)
+    scale_weight_error(qa.unet, ref.denoiser.unet, amplitude)
+    qaden = SigmaScopedDenoiser(qa, qa.unet)
+    t0 = time.perf_counter()
+    lat = sample_latents(qaden, rc, seeds, labels, grid)
+    img = decode(ref.autoencoder, lat)
+    per = per_sample_metrics(lat, lat_fp, img, img_fp)
+    err = early_error(qaden, states)
+    row = {"preset": rtn_row["preset"], "method": f"rtn×{amplitude:g}", "amplitude": float(amplitude), "analysis": True,
+           "sampler": rc.sampler, "cfg": rc.cfg, **summary(lat, lat_fp, img, img_fp, labels, ref.classifier), **_tail(per),
+           "bytes_ratio": None, "sd15_bytes_ratio": None, "sd15_bound": "analysis row: stores nothing",
+           "calib_seconds": 0.0, "sample_seconds": round(time.perf_counter() - t0, 1),
+           "early_error": err, "early_error_ratio": err / max(rtn_early, 1e-30), **_against(per, per_rtn)}
+    row["worst_seed"] = seeds[row["worst_index"]]
+    log(f"# {rc.sampler} cfg {rc.cfg}: {row['preset']} {row['method']} (weight error scaled) sampled in "
+        f"{row['sample_seconds']:.1f} s")
+    return row
+
+
 def _ci(ci) -> dict:
     return {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
 
@@ -214,7 +299,7 @@ def _fp16_ref_bytes(unet) -> int:
 
 def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20, scheduler="normal", budget=0.30,
         step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False, rows_per_k=DEFAULT_ROWS_PER_K,
-        budget_extra=None, corrections=(), correct_on=("best",), damp=None, calib_sets=1):
+        budget_extra=None, corrections=(), correct_on=("best",), damp=None, calib_sets=1, amplitudes=()):
     """``budget``: the budgeted methods' cap, × each model's fp16 bytes; with ``budget_extra`` the cap is
     instead each model's round-to-nearest ratio plus that much (the same headroom on the reference
     model and on the SD1.5-shaped UNet, whose fixed 16-bit share differs tenfold). ``corrections``:
@@ -223,7 +308,8 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
     ``damp``: GPTQ's damping for every calibrated method (default: each method's own). ``calib_sets``: each
     calibrated method also calibrated on K − 1 further disjoint calibration sets (the seeds shifted by their
     count, rows ``method#k``), and each compared per sample with set 1 (``set_comparisons``): how far two
-    equally made quantizers lie apart, sample by sample."""
+    equally made quantizers lie apart, sample by sample. ``amplitudes``: after each preset's
+    round-to-nearest row, analysis rows ``rtn×a`` with its weight error scaled by ``a``."""
     if calib_sets < 1:
         raise SystemExit("--calib-sets must be at least 1")
     all_calib = [s + k * len(calib_seeds) for k in range(calib_sets) for s in calib_seeds]
@@ -233,13 +319,14 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
     labels = labels_for(seeds, classes)
     fp16_ref = _fp16_ref_bytes(ref.unet)
     sd15 = {}
-    rows, images, collections, set_comparisons, rtn_ratios = [], {}, [], [], {}
+    rows, images, collections, set_comparisons, rtn_ratios, rtn_early = [], {}, [], [], {}, {}
     for sampler in samplers:
         for cfg_scale in cfgs:
             rc = RunConfig(sampler, scheduler, steps, cfg_scale, batch_size).validate()
             sigmas = get_sigmas(scheduler, grid, steps)
             t0 = time.perf_counter()
-            lat_fp = sample_latents(ref.denoiser, rc, seeds, labels, grid)
+            states: list = []
+            lat_fp = sample_latents(ref.denoiser, rc, seeds, labels, grid, sampler_fn=_recording_sampler(sampler, states))
             img_fp = decode(ref.autoencoder, lat_fp)
             images[(sampler, cfg_scale, "FP")] = img_fp
             log(f"# {sampler} cfg {cfg_scale}: FP sampled in {time.perf_counter() - t0:.1f} s")
@@ -295,9 +382,12 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                                "bytes_ratio": round(resident_bytes(copy.deepcopy(qd.unet).half()) / fp16_ref, 4),
                                "calib_seconds": 0.0 if mcfg is None else round(col["seconds"] + solve, 1),
                                "solve_seconds": round(solve, 1), "sample_seconds": round(time.perf_counter() - t2, 1)}
+                        row["early_error"] = early_error(qden, states)
                         key = (preset, method)
                         if method == "rtn":
                             rtn_ratios[preset] = row["bytes_ratio"]
+                            rtn_early[preset] = row["early_error"]
+                        row["early_error_ratio"] = row["early_error"] / max(rtn_early[preset], 1e-30)
                         if mcfg is not None and mcfg.budget is not None:
                             row["budget"] = round(mcfg.budget, 4)
                         if key not in sd15:
@@ -323,6 +413,10 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                         rows.append(row)
                         log(f"# {sampler} cfg {cfg_scale}: {preset} {method} in {solve:.1f} s + sampling "
                             f"{row['sample_seconds']:.1f} s")
+                        if method == "rtn" and k == 1:
+                            for a in amplitudes:
+                                rows.append(_amplitude_row(ref, qd, a, rc, seeds, labels, grid, lat_fp, img_fp, states,
+                                                           base, rtn_early[preset], row, log))
                         if k > 1:
                             set_comparisons.append({"preset": preset, "sampler": sampler, "cfg": cfg_scale,
                                                     "a": row["method"], "b": method,
@@ -331,7 +425,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                             for corr in (c for c in corrections if c != "none"):
                                 rows.append(_corrected_row(ref, qden, corr, rc, row, per, base, cal, classes, seeds,
                                                            labels, lat_fp, img_fp, preset, method, log))
-    res = {"steps": steps, "scheduler": scheduler, "corrections": list(corrections), "n": len(seeds), "seeds": _span(seeds),
+    res = {"amplitudes": list(amplitudes), "early_sigma": EARLY_SIGMA, "steps": steps, "scheduler": scheduler, "corrections": list(corrections), "n": len(seeds), "seeds": _span(seeds),
            "calib_seeds": _span(calib_seeds), "classes": classes, "budget": budget, "budget_extra": budget_extra,
            "step_weight": step_weight,
            "outlier_ratio": outlier_ratio, "rows_per_k": rows_per_k, "best": BEST, "collections": collections, "rows": rows,
@@ -358,14 +452,18 @@ def table_rows(res: dict) -> list[list]:
                     "-" if rtn else _fmt_ci(r["gap_closed"]), "-" if rtn else f"{100 * r['median_gap_closed']:+.1f}",
                     "-" if rtn else _fmt_ci(r["psnr_delta"], pct=False),
                     "-" if rtn else f"{r['worst_ratio']:.2f}", "-" if rtn else f"{100 * r['worse_share']:.0f}",
-                    f"{r['bytes_ratio']:.4f}", ("≤" if r["sd15_bound"] != "exact" else "") + f"{r['sd15_bytes_ratio']:.4f}",
-                    f"{r['calib_seconds']:.0f}", _fmt_ci(r["vs_quantizer"]["gap_closed"]) if "vs_quantizer" in r else "-"])
+                    "-" if r["bytes_ratio"] is None else f"{r['bytes_ratio']:.4f}",
+                    "-" if r["sd15_bytes_ratio"] is None else
+                    ("≤" if r["sd15_bound"] != "exact" else "") + f"{r['sd15_bytes_ratio']:.4f}",
+                    f"{r['calib_seconds']:.0f}", _fmt_ci(r["vs_quantizer"]["gap_closed"]) if "vs_quantizer" in r else "-",
+                    "-" if "early_error_ratio" not in r else f"{r['early_error_ratio']:.3f}"])
     return out
 
 
 HEADERS = ["preset", "method", "sampler", "cfg", "latent MSE", "PSNR dB", "FID-to-FP", "acc %",
            "gap closed vs RTN % [95% CI]", "median gap %", "ΔPSNR dB [95% CI]", "worst ratio", "worse %",
-           "bytes × fp16", "SD1.5 bytes × fp16", "calib s", "correction: gap closed vs its quantizer % [95% CI]"]
+           "bytes × fp16", "SD1.5 bytes × fp16", "calib s", "correction: gap closed vs its quantizer % [95% CI]",
+           "early error × RTN"]
 
 
 def print_result(res: dict) -> None:
@@ -419,7 +517,8 @@ def main(args) -> int:
               rows_per_k=args.rows_per_k or None, budget_extra=args.budget_extra,
               corrections=expand_methods(args.corrections, args.sampler.split(",")) if args.corrections else (),
               correct_on=tuple(m.strip() for m in args.correct_on.split(",")), damp=args.damp,
-              calib_sets=args.calib_sets)
+              calib_sets=args.calib_sets,
+              amplitudes=[float(a) for a in args.amplitudes.split(",") if a.strip()] if args.amplitudes else ())
     print_result(res)
     if args.json:
         emit_json(res)
@@ -456,6 +555,9 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-sets", type=int, default=1,
                    help="also calibrate every method on K-1 further disjoint calibration sets (seeds shifted by their "
                         "count) and compare each with set 1 sample by sample")
+    p.add_argument("--amplitudes", default=None,
+                   help="comma-separated a: analysis rows 'rtn×a' with round-to-nearest's weight error scaled by a "
+                        "(how the gap responds to the size of the weight error; they store nothing)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")

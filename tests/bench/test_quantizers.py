@@ -92,7 +92,8 @@ def test_corrections_run_on_top_of_a_calibrated_quantizer_and_are_scored_against
     want = 1 - c["latent_mse"] / rows["gptq"]["latent_mse"]
     assert c["vs_quantizer"]["gap_closed"]["estimate"] == pytest.approx(want, rel=1e-6)
     assert c["calib_seconds"] > rows["gptq"]["calib_seconds"]
-    assert quantizers.table_rows(res)[2][-1] != "-"
+    col = quantizers.HEADERS.index("correction: gap closed vs its quantizer % [95% CI]")
+    assert quantizers.table_rows(res)[2][col] != "-"
 
 
 def test_a_second_calibration_set_is_disjoint_and_compared_sample_by_sample_with_the_first():
@@ -121,3 +122,40 @@ def test_damping_reaches_the_solver():
             for d in (0.01, 100.0)]
     gptq = [next(r for r in res["rows"] if r["method"] == "gptq") for res in runs]
     assert gptq[0]["latent_mse"] != gptq[1]["latent_mse"]
+
+
+def test_amplitude_rows_scale_round_to_nearest_weight_error_and_early_error_measures_it():
+    res = quantizers.run(["W4A16"], ["rtn", "gptq"], ["euler"], [3.0], SEEDS, CALIB[:4], CLASSES,
+                         amplitudes=[1.0, 0.5, 0.0], **SMALL)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["rtn", "rtn×1", "rtn×0.5", "rtn×0", "gptq"]
+    rtn = rows["rtn"]
+    assert rtn["early_error"] > 0 and rtn["early_error_ratio"] == pytest.approx(1.0)
+    # amplitude 1 is round-to-nearest itself, amplitude 0 the FP weights (W4A16: nothing else is quantized)
+    assert rows["rtn×1"]["latent_mse"] == pytest.approx(rtn["latent_mse"], rel=1e-3)
+    assert rows["rtn×1"]["early_error_ratio"] == pytest.approx(1.0, rel=1e-3)
+    assert rows["rtn×0"]["latent_mse"] < 1e-8 * rtn["latent_mse"] + 1e-10 and rows["rtn×0"]["early_error"] < 1e-9
+    # the one-step output error is quadratic in the weight error's size, to first order
+    assert 0.2 < rows["rtn×0.5"]["early_error_ratio"] < 0.3
+    assert rows["rtn×0.5"]["latent_mse"] < rtn["latent_mse"]
+    half = rows["rtn×0.5"]
+    assert half["analysis"] and half["bytes_ratio"] is None
+    assert half["gap_closed"]["estimate"] == pytest.approx(1 - half["latent_mse"] / rtn["latent_mse"], rel=1e-6)
+    assert 0 < rows["gptq"]["early_error_ratio"] < 1  # GPTQ lowers the early one-step error
+    table = {r[1]: r for r in quantizers.table_rows(res)}
+    assert table["rtn×0.5"][13] == "-" and table["rtn×0.5"][-1] == f"{half['early_error_ratio']:.3f}"
+    assert res["amplitudes"] == [1.0, 0.5, 0.0]
+
+
+def test_the_error_scaling_patch_only_touches_the_copy_it_is_given():
+    ref = load_reference()
+    q = quantized_denoiser(ref.denoiser, "W4A16").quantized
+    n = quantizers.scale_weight_error(q, ref.denoiser.unet, 0.0)
+    layers = [m for m in q.modules() if isinstance(m, quantizers.QUANT_LAYERS)]
+    assert n == len(layers) > 0
+    name, layer = next((n_, m) for n_, m in q.named_modules() if isinstance(m, quantizers.QUANT_LAYERS))
+    fp = ref.denoiser.unet.get_submodule(name).weight
+    assert torch.equal(layer.weight_function[0](layer.dequantized_weight()), fp.float())
+    assert not any(hasattr(m, "weight_function") for m in ref.denoiser.unet.modules())
+    with pytest.raises(SystemExit, match="non-negative"):
+        quantizers.scale_weight_error(q, ref.denoiser.unet, -1.0)
