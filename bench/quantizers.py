@@ -171,23 +171,39 @@ def _recording_sampler(sampler: str, states: list, sigma_min: float = EARLY_SIGM
     fn = SAMPLERS[sampler]
 
     def run_sampler(model, x, sigmas, extra, callback, disable, **kw):
+        batch = 1 + max((b for *_, b in states), default=-1)
+
         def record(d):
             if float(d["sigma_hat"]) >= sigma_min:
-                states.append((d["x"].clone(), float(d["sigma_hat"]), d["denoised"].clone(), dict(extra)))
+                states.append((d["x"].clone(), float(d["sigma_hat"]), d["denoised"].clone(), dict(extra), batch))
         return fn(model, x, sigmas, extra, record, disable, **kw)
 
     return run_sampler
 
 
 @torch.no_grad()
-def early_error(denoiser, states: list) -> float:
-    """Mean squared one-step error of ``denoiser``'s output against FP's on the recorded FP states."""
-    total, count = 0.0, 0
-    for x, sigma, den, extra in states:
+def early_error(denoiser, states: list) -> torch.Tensor:
+    """Per sample (in seed order), the mean squared one-step error of ``denoiser``'s output against
+    FP's over the recorded FP states of that sample."""
+    sums: dict[int, torch.Tensor] = {}
+    steps: dict[int, int] = {}
+    for x, sigma, den, extra, batch in states:
         out = denoiser(x, torch.full((len(x),), sigma, dtype=x.dtype), **extra)
-        total += float(((out.float() - den.float()) ** 2).sum())
-        count += den.numel()
-    return total / max(count, 1)
+        err = ((out.double() - den.double()) ** 2).flatten(1).mean(1)
+        sums[batch] = sums.get(batch, 0) + err
+        steps[batch] = steps.get(batch, 0) + 1
+    if not sums:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat([sums[b] / steps[b] for b in sorted(sums)])
+
+
+def _early_fields(per_sample: torch.Tensor, rtn: torch.Tensor | None) -> dict:
+    """``early_error`` (mean over samples), its ratio to round-to-nearest's, the per-sample values."""
+    mean = float(per_sample.mean()) if len(per_sample) else 0.0
+    out = {"early_error": mean, "per_sample_early_error": [float(f"{float(v):.6g}") for v in per_sample]}
+    base = mean if rtn is None else float(rtn.mean())
+    out["early_error_ratio"] = mean / max(base, 1e-30)
+    return out
 
 
 class _ScaledError:
@@ -273,12 +289,12 @@ def _amplitude_row(ref, qd, amplitude, rc, seeds, labels, grid, lat_fp, img_fp, 
     lat = sample_latents(qaden, rc, seeds, labels, grid)
     img = decode(ref.autoencoder, lat)
     per = per_sample_metrics(lat, lat_fp, img, img_fp)
-    err = early_error(qaden, states)
+    early = _early_fields(early_error(qaden, states), rtn_early)
     row = {"preset": rtn_row["preset"], "method": f"rtn×{amplitude:g}", "amplitude": float(amplitude), "analysis": True,
            "sampler": rc.sampler, "cfg": rc.cfg, **summary(lat, lat_fp, img, img_fp, labels, ref.classifier), **_tail(per),
            "bytes_ratio": None, "sd15_bytes_ratio": None, "sd15_bound": "analysis row: stores nothing",
            "calib_seconds": 0.0, "sample_seconds": round(time.perf_counter() - t0, 1),
-           "early_error": err, "early_error_ratio": err / max(rtn_early, 1e-30), **_against(per, per_rtn)}
+           **early, **_against(per, per_rtn)}
     row["worst_seed"] = seeds[row["worst_index"]]
     log(f"# {rc.sampler} cfg {rc.cfg}: {row['preset']} {row['method']} (weight error scaled) sampled in "
         f"{row['sample_seconds']:.1f} s")
@@ -382,12 +398,12 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                                "bytes_ratio": round(resident_bytes(copy.deepcopy(qd.unet).half()) / fp16_ref, 4),
                                "calib_seconds": 0.0 if mcfg is None else round(col["seconds"] + solve, 1),
                                "solve_seconds": round(solve, 1), "sample_seconds": round(time.perf_counter() - t2, 1)}
-                        row["early_error"] = early_error(qden, states)
+                        early = early_error(qden, states)
                         key = (preset, method)
                         if method == "rtn":
                             rtn_ratios[preset] = row["bytes_ratio"]
-                            rtn_early[preset] = row["early_error"]
-                        row["early_error_ratio"] = row["early_error"] / max(rtn_early[preset], 1e-30)
+                            rtn_early[preset] = early
+                        row.update(_early_fields(early, rtn_early[preset]))
                         if mcfg is not None and mcfg.budget is not None:
                             row["budget"] = round(mcfg.budget, 4)
                         if key not in sd15:

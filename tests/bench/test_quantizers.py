@@ -131,6 +131,9 @@ def test_amplitude_rows_scale_round_to_nearest_weight_error_and_early_error_meas
     assert list(rows) == ["rtn", "rtn×1", "rtn×0.5", "rtn×0", "gptq"]
     rtn = rows["rtn"]
     assert rtn["early_error"] > 0 and rtn["early_error_ratio"] == pytest.approx(1.0)
+    for r in rows.values():
+        per = r["per_sample_early_error"]
+        assert len(per) == len(SEEDS) and sum(per) / len(per) == pytest.approx(r["early_error"], rel=1e-4)
     # amplitude 1 is round-to-nearest itself, amplitude 0 the FP weights (W4A16: nothing else is quantized)
     assert rows["rtn×1"]["latent_mse"] == pytest.approx(rtn["latent_mse"], rel=1e-3)
     assert rows["rtn×1"]["early_error_ratio"] == pytest.approx(1.0, rel=1e-3)
@@ -159,3 +162,19 @@ def test_the_error_scaling_patch_only_touches_the_copy_it_is_given():
     assert not any(hasattr(m, "weight_function") for m in ref.denoiser.unet.modules())
     with pytest.raises(SystemExit, match="non-negative"):
         quantizers.scale_weight_error(q, ref.denoiser.unet, -1.0)
+
+
+def test_per_sample_early_error_follows_seed_order_whatever_the_batching():
+    ref = load_reference()
+    q = quantized_denoiser(ref.denoiser, "W4A16")
+    labels = labels_for(SEEDS, CLASSES)
+    per = []
+    for batch in (4, 1):
+        states = []
+        rc = RunConfig("euler", "normal", 3, 3.0, batch).validate()
+        sample_latents(ref.denoiser, rc, SEEDS, labels, ref.denoiser.sigmas,
+                       sampler_fn=quantizers._recording_sampler("euler", states))
+        assert {s_[1] for s_ in states} and min(s_[1] for s_ in states) >= quantizers.EARLY_SIGMA
+        per.append(quantizers.early_error(q, states))
+    assert len(per[0]) == len(SEEDS) and torch.allclose(per[0], per[1], rtol=1e-4)
+    assert len(set(per[0].tolist())) == len(SEEDS)  # one value per sample, not a broadcast mean
