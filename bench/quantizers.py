@@ -34,6 +34,7 @@ tail) responds to the size of the weight error alone; a real method whose ``earl
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import replace
 
@@ -219,9 +220,11 @@ class _ScaledError:
 
 def scale_weight_error(quantized: nn.Module, fp: nn.Module, amplitude: float) -> int:
     """Patch every quantized layer of ``quantized`` (a quantized copy of ``fp``) to compute with its
-    FP weight plus ``amplitude`` × its quantization error; returns the number of layers patched."""
-    if not amplitude >= 0:
-        raise SystemExit(f"amplitudes must be non-negative, got {amplitude!r}")
+    FP weight plus ``amplitude`` × its quantization error; returns the number of layers patched. A
+    negative amplitude points the error the other way: ``−1`` is a model exactly as far from FP as
+    round-to-nearest, layer by layer, in the mirrored direction."""
+    if not math.isfinite(amplitude):
+        raise SystemExit(f"amplitudes must be finite numbers, got {amplitude!r}")
     n = 0
     for name, m in quantized.named_modules():
         if isinstance(m, QUANT_LAYERS):
@@ -353,16 +356,21 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                 extra = {"cond": labels_for(cal, classes), "cfg_scale": cfg_scale}
                 factory = lambda idx, cal=cal: PerSampleNoise([cal[i] for i in idx], LATENT)  # noqa: E731
                 weight = None if step_weight == 1.0 else early_weight(step_weight)
-                col = collect_inputs(ref.denoiser, ref.denoiser.unet, SAMPLERS[sampler], x0, sigmas, extra,
-                                     noise_sampler_factory=factory, step_weight=weight, batch_size=16,
-                                     rows_per_k=rows_per_k,
-                                     progress=lambda d, t: log(f"# {sampler} cfg {cfg_scale}: input statistics, "
-                                                               f"batch {d}/{t}"))
-                collections.append({"sampler": sampler, "cfg": cfg_scale, "calib_set": k,
-                                    "seconds": round(col["seconds"], 1), "peak_stats_bytes": col["peak_stats_bytes"],
-                                    "n_fit": col["n_fit"], "n_hold": col["n_hold"]})
-                log(f"# {sampler} cfg {cfg_scale}: input statistics of {len(cal)} calibration samples (set {k}) in "
-                    f"{col['seconds']:.1f} s ({col['peak_stats_bytes'] / 2**20:.0f} MiB)")
+                if all(METHODS[m] is None for m in methods):  # round-to-nearest (and analysis rows) only
+                    probe_set = None
+                    col = {"layers": {}}
+                else:
+                    col = collect_inputs(ref.denoiser, ref.denoiser.unet, SAMPLERS[sampler], x0, sigmas, extra,
+                                         noise_sampler_factory=factory, step_weight=weight, batch_size=16,
+                                         rows_per_k=rows_per_k,
+                                         progress=lambda d, t: log(f"# {sampler} cfg {cfg_scale}: input statistics, "
+                                                                   f"batch {d}/{t}"))
+                if col["layers"]:
+                    collections.append({"sampler": sampler, "cfg": cfg_scale, "calib_set": k,
+                                        "seconds": round(col["seconds"], 1), "peak_stats_bytes": col["peak_stats_bytes"],
+                                        "n_fit": col["n_fit"], "n_hold": col["n_hold"]})
+                    log(f"# {sampler} cfg {cfg_scale}: input statistics of {len(cal)} calibration samples (set {k}) in "
+                        f"{col['seconds']:.1f} s ({col['peak_stats_bytes'] / 2**20:.0f} MiB)")
                 probe_set = None
                 for preset in presets:
                     base = pers.get((preset, "rtn", 1))
@@ -573,7 +581,8 @@ def add_parser(sub) -> None:
                         "count) and compare each with set 1 sample by sample")
     p.add_argument("--amplitudes", default=None,
                    help="comma-separated a: analysis rows 'rtn×a' with round-to-nearest's weight error scaled by a "
-                        "(how the gap responds to the size of the weight error; they store nothing)")
+                        "(how the gap responds to the size of the weight error; they store nothing); a negative a "
+                        "mirrors the error (write --amplitudes=-1,-0.3)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")

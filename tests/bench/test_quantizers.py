@@ -160,8 +160,18 @@ def test_the_error_scaling_patch_only_touches_the_copy_it_is_given():
     fp = ref.denoiser.unet.get_submodule(name).weight
     assert torch.equal(layer.weight_function[0](layer.dequantized_weight()), fp.float())
     assert not any(hasattr(m, "weight_function") for m in ref.denoiser.unet.modules())
-    with pytest.raises(SystemExit, match="non-negative"):
-        quantizers.scale_weight_error(q, ref.denoiser.unet, -1.0)
+    with pytest.raises(SystemExit, match="finite"):
+        quantizers.scale_weight_error(q, ref.denoiser.unet, float("nan"))
+
+
+def test_round_to_nearest_alone_collects_no_statistics_and_mirrored_errors_are_as_large():
+    res = quantizers.run(["W4A16"], ["rtn"], ["euler"], [3.0], SEEDS, CALIB[:4], CLASSES, amplitudes=[-1.0], **SMALL)
+    assert res["collections"] == []
+    rtn, mirror = res["rows"]
+    assert mirror["method"] == "rtn×-1"
+    # the same error, pointed the other way: the one-step error is the same to first order, the samples differ
+    assert mirror["early_error_ratio"] == pytest.approx(1.0, rel=0.1)
+    assert mirror["per_sample_latent_mse"] != rtn["per_sample_latent_mse"]
 
 
 def test_per_sample_early_error_follows_seed_order_whatever_the_batching():
