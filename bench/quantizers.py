@@ -20,15 +20,15 @@ or both and the plan's 16-bit layers, weighted by each layer's measured sensitiv
 ``gptq_budget_nokept`` without the plan's layers; ``gptq_budget_rel`` weighted by relative output
 error, no probe), ``all`` (every lever), ``best`` (the pack's default calibrated quantizer, :data:`BEST`).
 
-Two diagnostics place every method on one scale. ``early_error`` is the one-step error of the
-model's output on the FP trajectory's own states at the steps with σ ≥ 3 (the first 7 of 20, where
-83–87% of the final error is made): ``mean‖D_q(x_i, σ_i) − D_fp(x_i, σ_i)‖²`` over those states,
-and ``early_error_ratio`` its ratio to round-to-nearest's. With ``--amplitudes a,…`` the bench also
-samples analysis rows ``rtn×a``: the round-to-nearest model with its weight error scaled by ``a``
-(every quantized layer computes with ``W + a·(Q(W) − W)``, activations quantized as the preset says),
-a fake quantizer that stores nothing new and exists to show how the end-to-end gap (mean, median,
-tail) responds to the size of the weight error alone; a real method whose ``early_error_ratio`` is
-``r`` sits near the ``rtn×√r`` row.
+Two diagnostics place every method on one scale: the one-step error of the model's output on the
+FP trajectory's own states, ``mean‖D_q(x_i, σ_i) − D_fp(x_i, σ_i)‖²``, over the steps with σ ≥ 3
+(``early_error``: the first 7 of 20, where 83–87% of the final error is made) and over the rest
+(``late_error``), each also as a ratio to round-to-nearest's and per sample. With ``--amplitudes a,…``
+the bench also samples analysis rows ``rtn×a``: the round-to-nearest model with its weight error
+scaled by ``a`` (every quantized layer computes with ``W + a·(Q(W) − W)``, activations quantized as
+the preset says; a negative ``a`` mirrors the error), a fake quantizer that stores nothing new and
+exists to show how the end-to-end gap (mean, median, tail) responds to the size and the direction
+of the weight error alone.
 """
 
 from __future__ import annotations
@@ -167,28 +167,29 @@ def sd15_stats_memory(max_bytes: int = SD15_STATS_MAX_BYTES) -> dict:
 EARLY_SIGMA = 3.0
 
 
-def _recording_sampler(sampler: str, states: list, sigma_min: float = EARLY_SIGMA):
-    """The named sampler, recording ``(x, σ̂, D_fp(x, σ̂), extra)`` at every step with σ̂ ≥ ``sigma_min``."""
+def _recording_sampler(sampler: str, states: list):
+    """The named sampler, recording ``(x, σ̂, D_fp(x, σ̂), extra, batch)`` at every step."""
     fn = SAMPLERS[sampler]
 
     def run_sampler(model, x, sigmas, extra, callback, disable, **kw):
         batch = 1 + max((b for *_, b in states), default=-1)
 
         def record(d):
-            if float(d["sigma_hat"]) >= sigma_min:
-                states.append((d["x"].clone(), float(d["sigma_hat"]), d["denoised"].clone(), dict(extra), batch))
+            states.append((d["x"].clone(), float(d["sigma_hat"]), d["denoised"].clone(), dict(extra), batch))
         return fn(model, x, sigmas, extra, record, disable, **kw)
 
     return run_sampler
 
 
 @torch.no_grad()
-def early_error(denoiser, states: list) -> torch.Tensor:
+def step_error(denoiser, states: list, sigma_min: float = EARLY_SIGMA, sigma_max: float = math.inf) -> torch.Tensor:
     """Per sample (in seed order), the mean squared one-step error of ``denoiser``'s output against
-    FP's over the recorded FP states of that sample."""
+    FP's over the recorded FP states of that sample with ``sigma_min ≤ σ̂ < sigma_max``."""
     sums: dict[int, torch.Tensor] = {}
     steps: dict[int, int] = {}
     for x, sigma, den, extra, batch in states:
+        if not sigma_min <= sigma < sigma_max:
+            continue
         out = denoiser(x, torch.full((len(x),), sigma, dtype=x.dtype), **extra)
         err = ((out.double() - den.double()) ** 2).flatten(1).mean(1)
         sums[batch] = sums.get(batch, 0) + err
@@ -198,12 +199,30 @@ def early_error(denoiser, states: list) -> torch.Tensor:
     return torch.cat([sums[b] / steps[b] for b in sorted(sums)])
 
 
-def _early_fields(per_sample: torch.Tensor, rtn: torch.Tensor | None) -> dict:
-    """``early_error`` (mean over samples), its ratio to round-to-nearest's, the per-sample values."""
-    mean = float(per_sample.mean()) if len(per_sample) else 0.0
-    out = {"early_error": mean, "per_sample_early_error": [float(f"{float(v):.6g}") for v in per_sample]}
-    base = mean if rtn is None else float(rtn.mean())
-    out["early_error_ratio"] = mean / max(base, 1e-30)
+def early_error(denoiser, states: list) -> torch.Tensor:
+    """:func:`step_error` over the steps with σ ≥ :data:`EARLY_SIGMA` (the first 7 of 20)."""
+    return step_error(denoiser, states, EARLY_SIGMA, math.inf)
+
+
+def late_error(denoiser, states: list) -> torch.Tensor:
+    """:func:`step_error` over the remaining steps (σ < :data:`EARLY_SIGMA`)."""
+    return step_error(denoiser, states, 0.0, EARLY_SIGMA)
+
+
+def _step_errors(denoiser, states: list) -> dict:
+    return {"early": early_error(denoiser, states), "late": late_error(denoiser, states)}
+
+
+def _step_fields(per_sample: dict, rtn: dict | None) -> dict:
+    """Per window (``early``, ``late``): the mean one-step error over samples, its ratio to
+    round-to-nearest's and the per-sample values."""
+    out = {}
+    for name, v in per_sample.items():
+        mean = float(v.mean()) if len(v) else 0.0
+        base = mean if rtn is None else (float(rtn[name].mean()) if len(rtn[name]) else 0.0)
+        out[f"{name}_error"] = mean
+        out[f"{name}_error_ratio"] = mean / max(base, 1e-30)
+        out[f"per_sample_{name}_error"] = [float(f"{float(x):.6g}") for x in v]
     return out
 
 
@@ -292,7 +311,7 @@ def _amplitude_row(ref, qd, amplitude, rc, seeds, labels, grid, lat_fp, img_fp, 
     lat = sample_latents(qaden, rc, seeds, labels, grid)
     img = decode(ref.autoencoder, lat)
     per = per_sample_metrics(lat, lat_fp, img, img_fp)
-    early = _early_fields(early_error(qaden, states), rtn_early)
+    early = _step_fields(_step_errors(qaden, states), rtn_early)
     row = {"preset": rtn_row["preset"], "method": f"rtn×{amplitude:g}", "amplitude": float(amplitude), "analysis": True,
            "sampler": rc.sampler, "cfg": rc.cfg, **summary(lat, lat_fp, img, img_fp, labels, ref.classifier), **_tail(per),
            "bytes_ratio": None, "sd15_bytes_ratio": None, "sd15_bound": "analysis row: stores nothing",
@@ -406,12 +425,12 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                                "bytes_ratio": round(resident_bytes(copy.deepcopy(qd.unet).half()) / fp16_ref, 4),
                                "calib_seconds": 0.0 if mcfg is None else round(col["seconds"] + solve, 1),
                                "solve_seconds": round(solve, 1), "sample_seconds": round(time.perf_counter() - t2, 1)}
-                        early = early_error(qden, states)
+                        errs = _step_errors(qden, states)
                         key = (preset, method)
                         if method == "rtn":
                             rtn_ratios[preset] = row["bytes_ratio"]
-                            rtn_early[preset] = early
-                        row.update(_early_fields(early, rtn_early[preset]))
+                            rtn_early[preset] = errs
+                        row.update(_step_fields(errs, rtn_early[preset]))
                         if mcfg is not None and mcfg.budget is not None:
                             row["budget"] = round(mcfg.budget, 4)
                         if key not in sd15:
@@ -480,14 +499,15 @@ def table_rows(res: dict) -> list[list]:
                     "-" if r["sd15_bytes_ratio"] is None else
                     ("≤" if r["sd15_bound"] != "exact" else "") + f"{r['sd15_bytes_ratio']:.4f}",
                     f"{r['calib_seconds']:.0f}", _fmt_ci(r["vs_quantizer"]["gap_closed"]) if "vs_quantizer" in r else "-",
-                    "-" if "early_error_ratio" not in r else f"{r['early_error_ratio']:.3f}"])
+                    "-" if "early_error_ratio" not in r else f"{r['early_error_ratio']:.3f}",
+                    "-" if "late_error_ratio" not in r else f"{r['late_error_ratio']:.3f}"])
     return out
 
 
 HEADERS = ["preset", "method", "sampler", "cfg", "latent MSE", "PSNR dB", "FID-to-FP", "acc %",
            "gap closed vs RTN % [95% CI]", "median gap %", "ΔPSNR dB [95% CI]", "worst ratio", "worse %",
            "bytes × fp16", "SD1.5 bytes × fp16", "calib s", "correction: gap closed vs its quantizer % [95% CI]",
-           "early error × RTN"]
+           "early error × RTN", "late error × RTN"]
 
 
 def print_result(res: dict) -> None:

@@ -132,8 +132,11 @@ def test_amplitude_rows_scale_round_to_nearest_weight_error_and_early_error_meas
     rtn = rows["rtn"]
     assert rtn["early_error"] > 0 and rtn["early_error_ratio"] == pytest.approx(1.0)
     for r in rows.values():
-        per = r["per_sample_early_error"]
-        assert len(per) == len(SEEDS) and sum(per) / len(per) == pytest.approx(r["early_error"], rel=1e-4)
+        for window in ("early", "late"):
+            per = r[f"per_sample_{window}_error"]
+            assert len(per) == len(SEEDS) and sum(per) / len(per) == pytest.approx(r[f"{window}_error"], rel=1e-4)
+    assert rtn["late_error"] > 0 and rtn["late_error_ratio"] == pytest.approx(1.0)
+    assert 0.2 < rows["rtn×0.5"]["late_error_ratio"] < 0.3
     # amplitude 1 is round-to-nearest itself, amplitude 0 the FP weights (W4A16: nothing else is quantized)
     assert rows["rtn×1"]["latent_mse"] == pytest.approx(rtn["latent_mse"], rel=1e-3)
     assert rows["rtn×1"]["early_error_ratio"] == pytest.approx(1.0, rel=1e-3)
@@ -146,7 +149,7 @@ def test_amplitude_rows_scale_round_to_nearest_weight_error_and_early_error_meas
     assert half["gap_closed"]["estimate"] == pytest.approx(1 - half["latent_mse"] / rtn["latent_mse"], rel=1e-6)
     assert 0 < rows["gptq"]["early_error_ratio"] < 1  # GPTQ lowers the early one-step error
     table = {r[1]: r for r in quantizers.table_rows(res)}
-    assert table["rtn×0.5"][13] == "-" and table["rtn×0.5"][-1] == f"{half['early_error_ratio']:.3f}"
+    assert table["rtn×0.5"][13] == "-" and table["rtn×0.5"][-2] == f"{half['early_error_ratio']:.3f}"
     assert res["amplitudes"] == [1.0, 0.5, 0.0]
 
 
@@ -174,6 +177,11 @@ def test_round_to_nearest_alone_collects_no_statistics_and_mirrored_errors_are_a
     assert mirror["per_sample_latent_mse"] != rtn["per_sample_latent_mse"]
 
 
+def rc_sigmas(rc, ref):
+    from qcorrect.reference.schedules import get_sigmas
+    return get_sigmas(rc.scheduler, ref.denoiser.sigmas, rc.steps)[:-1]
+
+
 def test_per_sample_early_error_follows_seed_order_whatever_the_batching():
     ref = load_reference()
     q = quantized_denoiser(ref.denoiser, "W4A16")
@@ -184,7 +192,24 @@ def test_per_sample_early_error_follows_seed_order_whatever_the_batching():
         rc = RunConfig("euler", "normal", 3, 3.0, batch).validate()
         sample_latents(ref.denoiser, rc, SEEDS, labels, ref.denoiser.sigmas,
                        sampler_fn=quantizers._recording_sampler("euler", states))
-        assert {s_[1] for s_ in states} and min(s_[1] for s_ in states) >= quantizers.EARLY_SIGMA
+        assert {s_[1] for s_ in states} == {float(v) for v in rc_sigmas(rc, ref)}
         per.append(quantizers.early_error(q, states))
     assert len(per[0]) == len(SEEDS) and torch.allclose(per[0], per[1], rtol=1e-4)
     assert len(set(per[0].tolist())) == len(SEEDS)  # one value per sample, not a broadcast mean
+
+
+def test_early_and_late_windows_split_the_recorded_steps():
+    ref = load_reference()
+    q = quantized_denoiser(ref.denoiser, "W4A16")
+    rc = RunConfig("euler", "normal", 6, 1.0, 4).validate()
+    states = []
+    sample_latents(ref.denoiser, rc, SEEDS, labels_for(SEEDS, CLASSES), ref.denoiser.sigmas,
+                   sampler_fn=quantizers._recording_sampler("euler", states))
+    sig = rc_sigmas(rc, ref)
+    n_early = int((sig >= quantizers.EARLY_SIGMA).sum())
+    assert 0 < n_early < len(sig)
+    whole = quantizers.step_error(q, states, 0.0, float("inf"))
+    early, late = quantizers.early_error(q, states), quantizers.late_error(q, states)
+    # the per-sample mean over all steps is the step-weighted mean of the two windows
+    assert torch.allclose(whole, (n_early * early + (len(sig) - n_early) * late) / len(sig), rtol=1e-6)
+    assert torch.equal(quantizers.step_error(ref.denoiser, states, 0.0, float("inf")), torch.zeros(len(SEEDS), dtype=torch.float64))
