@@ -226,6 +226,45 @@ def _step_fields(per_sample: dict, rtn: dict | None) -> dict:
     return out
 
 
+class OwnTrajectoryError:
+    """A denoiser wrapper that, while ``denoiser`` samples its own trajectory, also runs the FP
+    denoiser on the same states at the calls with σ ≥ ``sigma_min`` and keeps, per sample, the mean
+    squared difference of their outputs. ``end_batch`` (``sample_latents``' ``progress``) closes a
+    batch; :meth:`per_sample` returns the values in seed order."""
+
+    def __init__(self, denoiser, fp, sigma_min: float = EARLY_SIGMA) -> None:
+        self.denoiser, self.fp, self.sigma_min = denoiser, fp, sigma_min
+        self.done: list[torch.Tensor] = []
+        self.sum, self.calls = None, 0
+
+    @torch.no_grad()
+    def __call__(self, x, sigma, **extra):
+        out = self.denoiser(x, sigma, **extra)
+        if float(torch.as_tensor(sigma).max()) >= self.sigma_min:
+            ref = self.fp(x, sigma, **extra)
+            err = ((out.double() - ref.double()) ** 2).flatten(1).mean(1)
+            self.sum = err if self.sum is None else self.sum + err
+            self.calls += 1
+        return out
+
+    def end_batch(self, *_):
+        if self.sum is not None:
+            self.done.append(self.sum / self.calls)
+        self.sum, self.calls = None, 0
+
+    def per_sample(self) -> torch.Tensor:
+        return torch.cat(self.done) if self.done else torch.zeros(0, dtype=torch.float64)
+
+
+def _sample(denoiser, fp, rc, seeds, labels, grid, own_error: bool):
+    """Sample the seeds; with ``own_error`` also the per-sample early error on the model's own trajectory."""
+    if not own_error:
+        return sample_latents(denoiser, rc, seeds, labels, grid), None
+    tracker = OwnTrajectoryError(denoiser, fp)
+    lat = sample_latents(tracker, rc, seeds, labels, grid, progress=tracker.end_batch)
+    return lat, tracker.per_sample()
+
+
 class _ScaledError:
     """A weight patch ``w ↦ W + a·(w − W)``: the layer's quantization error scaled by ``a``."""
 
@@ -308,10 +347,11 @@ def _amplitude_row(ref, qd, amplitude, rc, seeds, labels, grid, lat_fp, img_fp, 
     scale_weight_error(qa.unet, ref.denoiser.unet, amplitude)
     qaden = SigmaScopedDenoiser(qa, qa.unet)
     t0 = time.perf_counter()
-    lat = sample_latents(qaden, rc, seeds, labels, grid)
+    lat, own = _sample(qaden, ref.denoiser, rc, seeds, labels, grid, rtn_early.get("own") is not None)
     img = decode(ref.autoencoder, lat)
     per = per_sample_metrics(lat, lat_fp, img, img_fp)
-    early = _step_fields(_step_errors(qaden, states), rtn_early)
+    early = _step_fields({**_step_errors(qaden, states), **({} if own is None else {"own_early": own})},
+                         {k: v for k, v in rtn_early.items() if k != "own"})
     row = {"preset": rtn_row["preset"], "method": f"rtn×{amplitude:g}", "amplitude": float(amplitude), "analysis": True,
            "sampler": rc.sampler, "cfg": rc.cfg, **summary(lat, lat_fp, img, img_fp, labels, ref.classifier), **_tail(per),
            "bytes_ratio": None, "sd15_bytes_ratio": None, "sd15_bound": "analysis row: stores nothing",
@@ -337,7 +377,8 @@ def _fp16_ref_bytes(unet) -> int:
 
 def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20, scheduler="normal", budget=0.30,
         step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False, rows_per_k=DEFAULT_ROWS_PER_K,
-        budget_extra=None, corrections=(), correct_on=("best",), damp=None, calib_sets=1, amplitudes=()):
+        budget_extra=None, corrections=(), correct_on=("best",), damp=None, calib_sets=1, amplitudes=(),
+        own_error=False):
     """``budget``: the budgeted methods' cap, × each model's fp16 bytes; with ``budget_extra`` the cap is
     instead each model's round-to-nearest ratio plus that much (the same headroom on the reference
     model and on the SD1.5-shaped UNet, whose fixed 16-bit share differs tenfold). ``corrections``:
@@ -347,7 +388,9 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
     calibrated method also calibrated on K − 1 further disjoint calibration sets (the seeds shifted by their
     count, rows ``method#k``), and each compared per sample with set 1 (``set_comparisons``): how far two
     equally made quantizers lie apart, sample by sample. ``amplitudes``: after each preset's
-    round-to-nearest row, analysis rows ``rtn×a`` with its weight error scaled by ``a``."""
+    round-to-nearest row, analysis rows ``rtn×a`` with its weight error scaled by ``a``. ``own_error``:
+    every row also gets ``own_early_error``, the early one-step error against FP on the states of the
+    model's *own* trajectory (FP runs on them alongside; sampling costs about a third more)."""
     if calib_sets < 1:
         raise SystemExit("--calib-sets must be at least 1")
     all_calib = [s + k * len(calib_seeds) for k in range(calib_sets) for s in calib_seeds]
@@ -415,7 +458,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                         solve = time.perf_counter() - t1
                         qden = SigmaScopedDenoiser(qd, qd.unet)
                         t2 = time.perf_counter()
-                        lat = sample_latents(qden, rc, seeds, labels, grid)
+                        lat, own = _sample(qden, ref.denoiser, rc, seeds, labels, grid, own_error)
                         img = decode(ref.autoencoder, lat)
                         per = per_sample_metrics(lat, lat_fp, img, img_fp)
                         row = {"preset": preset, "method": method + ("" if k == 1 else f"#{k}"), "sampler": sampler,
@@ -426,11 +469,15 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                                "calib_seconds": 0.0 if mcfg is None else round(col["seconds"] + solve, 1),
                                "solve_seconds": round(solve, 1), "sample_seconds": round(time.perf_counter() - t2, 1)}
                         errs = _step_errors(qden, states)
+                        if own is not None:
+                            errs["own_early"] = own
                         key = (preset, method)
                         if method == "rtn":
                             rtn_ratios[preset] = row["bytes_ratio"]
                             rtn_early[preset] = errs
                         row.update(_step_fields(errs, rtn_early[preset]))
+                        if method == "rtn":
+                            rtn_early[preset] = {**errs, "own": own}
                         if mcfg is not None and mcfg.budget is not None:
                             row["budget"] = round(mcfg.budget, 4)
                         if key not in sd15:
@@ -562,7 +609,8 @@ def main(args) -> int:
               corrections=expand_methods(args.corrections, args.sampler.split(",")) if args.corrections else (),
               correct_on=tuple(m.strip() for m in args.correct_on.split(",")), damp=args.damp,
               calib_sets=args.calib_sets,
-              amplitudes=[float(a) for a in args.amplitudes.split(",") if a.strip()] if args.amplitudes else ())
+              amplitudes=[float(a) for a in args.amplitudes.split(",") if a.strip()] if args.amplitudes else (),
+              own_error=args.own_error)
     print_result(res)
     if args.json:
         emit_json(res)
@@ -603,6 +651,8 @@ def add_parser(sub) -> None:
                    help="comma-separated a: analysis rows 'rtn×a' with round-to-nearest's weight error scaled by a "
                         "(how the gap responds to the size of the weight error; they store nothing); a negative a "
                         "mirrors the error (write --amplitudes=-1,-0.3)")
+    p.add_argument("--own-error", action="store_true",
+                   help="also measure each model's early one-step error against FP on its own trajectory's states")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")

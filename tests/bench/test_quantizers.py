@@ -213,3 +213,36 @@ def test_early_and_late_windows_split_the_recorded_steps():
     # the per-sample mean over all steps is the step-weighted mean of the two windows
     assert torch.allclose(whole, (n_early * early + (len(sig) - n_early) * late) / len(sig), rtol=1e-6)
     assert torch.equal(quantizers.step_error(ref.denoiser, states, 0.0, float("inf")), torch.zeros(len(SEEDS), dtype=torch.float64))
+
+
+def test_own_trajectory_error_runs_fp_alongside_each_model():
+    res = quantizers.run(["W4A16"], ["rtn"], ["euler"], [3.0], SEEDS, CALIB[:4], CLASSES, amplitudes=[0.0, 1.0],
+                         own_error=True, **dict(SMALL, batch_size=2))
+    rows = {r["method"]: r for r in res["rows"]}
+    rtn, zero, one = rows["rtn"], rows["rtn×0"], rows["rtn×1"]
+    for r in rows.values():
+        assert len(r["per_sample_own_early_error"]) == len(SEEDS)  # two batches of two, in seed order
+    assert rtn["own_early_error"] > 0 and rtn["own_early_error_ratio"] == pytest.approx(1.0)
+    assert zero["own_early_error"] < 1e-12  # FP weights: its own trajectory is FP's, and so is its output
+    assert one["per_sample_own_early_error"] == pytest.approx(rtn["per_sample_own_early_error"], rel=1e-3)
+    default = quantizers.run(["W4A16"], ["rtn"], ["euler"], [3.0], SEEDS, CALIB[:4], CLASSES, **SMALL)["rows"][0]
+    assert "own_early_error" not in default
+
+
+def test_own_trajectory_tracker_closes_batches_in_order():
+    calls = []
+
+    def fake(x, sigma, **extra):
+        calls.append(float(sigma[0]))
+        return x
+
+    def fp(x, sigma, **extra):
+        return torch.zeros_like(x)
+
+    t = quantizers.OwnTrajectoryError(fake, fp, sigma_min=1.0)
+    t(torch.ones(2, 1), torch.full((2,), 5.0))
+    t(torch.full((2, 1), 3.0), torch.full((2,), 0.5))  # below sigma_min: not counted
+    t.end_batch()
+    t(torch.full((1, 1), 2.0), torch.full((1,), 2.0))
+    t.end_batch(1, 3)
+    assert t.per_sample().tolist() == [1.0, 1.0, 4.0] and calls == [5.0, 0.5, 2.0]
