@@ -209,17 +209,21 @@ def late_error(denoiser, states: list) -> torch.Tensor:
     return step_error(denoiser, states, 0.0, EARLY_SIGMA)
 
 
-def _step_errors(denoiser, states: list) -> dict:
-    return {"early": early_error(denoiser, states), "late": late_error(denoiser, states)}
+def _step_errors(denoiser, states: list, own: torch.Tensor | None = None) -> dict:
+    """The per-sample windows of one model: early and late on FP's states, and ``own_early`` when given."""
+    errs = {"early": early_error(denoiser, states), "late": late_error(denoiser, states)}
+    if own is not None:
+        errs["own_early"] = own
+    return errs
 
 
-def _step_fields(per_sample: dict, rtn: dict | None) -> dict:
-    """Per window (``early``, ``late``): the mean one-step error over samples, its ratio to
-    round-to-nearest's and the per-sample values."""
+def _step_fields(per_sample: dict, rtn: dict) -> dict:
+    """Per window (``early``, ``late``, ``own_early``): the mean one-step error over samples, its
+    ratio to round-to-nearest's (``rtn``: the same windows of round-to-nearest) and the per-sample values."""
     out = {}
     for name, v in per_sample.items():
         mean = float(v.mean()) if len(v) else 0.0
-        base = mean if rtn is None else (float(rtn[name].mean()) if len(rtn[name]) else 0.0)
+        base = float(rtn[name].mean()) if len(rtn[name]) else 0.0
         out[f"{name}_error"] = mean
         out[f"{name}_error_ratio"] = mean / max(base, 1e-30)
         out[f"per_sample_{name}_error"] = [float(f"{float(x):.6g}") for x in v]
@@ -341,17 +345,16 @@ def _corrected_row(ref, qden, corr, rc, qrow, per_q, per_rtn, calib_seeds, class
 
 
 def _amplitude_row(ref, qd, amplitude, rc, seeds, labels, grid, lat_fp, img_fp, states, per_rtn, rtn_early, rtn_row,
-                   log) -> dict:
+                   own_error, log) -> dict:
     """The analysis row ``rtn×a``: round-to-nearest's model with its weight error scaled by ``a``."""
     qa = copy.deepcopy(qd)
     scale_weight_error(qa.unet, ref.denoiser.unet, amplitude)
     qaden = SigmaScopedDenoiser(qa, qa.unet)
     t0 = time.perf_counter()
-    lat, own = _sample(qaden, ref.denoiser, rc, seeds, labels, grid, rtn_early.get("own") is not None)
+    lat, own = _sample(qaden, ref.denoiser, rc, seeds, labels, grid, own_error)
     img = decode(ref.autoencoder, lat)
     per = per_sample_metrics(lat, lat_fp, img, img_fp)
-    early = _step_fields({**_step_errors(qaden, states), **({} if own is None else {"own_early": own})},
-                         {k: v for k, v in rtn_early.items() if k != "own"})
+    early = _step_fields(_step_errors(qaden, states, own), rtn_early)
     row = {"preset": rtn_row["preset"], "method": f"rtn×{amplitude:g}", "amplitude": float(amplitude), "analysis": True,
            "sampler": rc.sampler, "cfg": rc.cfg, **summary(lat, lat_fp, img, img_fp, labels, ref.classifier), **_tail(per),
            "bytes_ratio": None, "sd15_bytes_ratio": None, "sd15_bound": "analysis row: stores nothing",
@@ -419,7 +422,6 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                 factory = lambda idx, cal=cal: PerSampleNoise([cal[i] for i in idx], LATENT)  # noqa: E731
                 weight = None if step_weight == 1.0 else early_weight(step_weight)
                 if all(METHODS[m] is None for m in methods):  # round-to-nearest (and analysis rows) only
-                    probe_set = None
                     col = {"layers": {}}
                 else:
                     col = collect_inputs(ref.denoiser, ref.denoiser.unet, SAMPLERS[sampler], x0, sigmas, extra,
@@ -468,16 +470,12 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                                "bytes_ratio": round(resident_bytes(copy.deepcopy(qd.unet).half()) / fp16_ref, 4),
                                "calib_seconds": 0.0 if mcfg is None else round(col["seconds"] + solve, 1),
                                "solve_seconds": round(solve, 1), "sample_seconds": round(time.perf_counter() - t2, 1)}
-                        errs = _step_errors(qden, states)
-                        if own is not None:
-                            errs["own_early"] = own
+                        errs = _step_errors(qden, states, own)
                         key = (preset, method)
                         if method == "rtn":
                             rtn_ratios[preset] = row["bytes_ratio"]
                             rtn_early[preset] = errs
                         row.update(_step_fields(errs, rtn_early[preset]))
-                        if method == "rtn":
-                            rtn_early[preset] = {**errs, "own": own}
                         if mcfg is not None and mcfg.budget is not None:
                             row["budget"] = round(mcfg.budget, 4)
                         if key not in sd15:
@@ -506,7 +504,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                         if method == "rtn" and k == 1:
                             for a in amplitudes:
                                 rows.append(_amplitude_row(ref, qd, a, rc, seeds, labels, grid, lat_fp, img_fp, states,
-                                                           base, rtn_early[preset], row, log))
+                                                           base, rtn_early[preset], row, own_error, log))
                         if k > 1:
                             set_comparisons.append({"preset": preset, "sampler": sampler, "cfg": cfg_scale,
                                                     "a": row["method"], "b": method,
