@@ -49,6 +49,7 @@ from ..quant import PRESETS, SigmaScopedDenoiser, quantize_model, resolve_plan
 from ..quant.budget import RANK_STEP, layer_bytes
 from ..quant.calibrated import CalibratedConfig, quantize_calibrated
 from ..quant.modules import QUANT_LAYERS
+from ..quant.tune import TuneConfig, tune_grid
 from ..reference.model import load_reference
 from ..reference.samplers import SAMPLERS
 from ..reference.schedules import get_sigmas
@@ -86,6 +87,10 @@ NO_PROBE = {"gptq_budget_rel"}
 #: measured on fresh seeds 7000–7127 on every sampler and CFG.
 BEST = "gptq_budget"
 METHODS["best"] = METHODS[BEST]
+#: methods that are another method plus end-to-end tuning of the stored grid (``quant/tune.py``)
+TUNED = {"best_tuned": "best", "gptq_tuned": "gptq"}
+for _name, _base in TUNED.items():
+    METHODS[_name] = METHODS[_base]
 PROBE_SAMPLES = 2
 #: the memory bound reported for the SD1.5-shaped UNet's statistics (one pass per group that fits)
 SD15_STATS_MAX_BYTES = 8 << 30
@@ -381,7 +386,7 @@ def _fp16_ref_bytes(unet) -> int:
 def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20, scheduler="normal", budget=0.30,
         step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False, rows_per_k=DEFAULT_ROWS_PER_K,
         budget_extra=None, corrections=(), correct_on=("best",), damp=None, calib_sets=1, amplitudes=(),
-        own_error=False):
+        own_error=False, guided=False, tune=None):
     """``budget``: the budgeted methods' cap, × each model's fp16 bytes; with ``budget_extra`` the cap is
     instead each model's round-to-nearest ratio plus that much (the same headroom on the reference
     model and on the SD1.5-shaped UNet, whose fixed 16-bit share differs tenfold). ``corrections``:
@@ -426,7 +431,8 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                 else:
                     col = collect_inputs(ref.denoiser, ref.denoiser.unet, SAMPLERS[sampler], x0, sigmas, extra,
                                          noise_sampler_factory=factory, step_weight=weight, batch_size=16,
-                                         rows_per_k=rows_per_k,
+                                         rows_per_k=rows_per_k, guidance=cfg_scale if guided else None,
+                                         record_calls=any(m in TUNED for m in methods),
                                          progress=lambda d, t: log(f"# {sampler} cfg {cfg_scale}: input statistics, "
                                                                    f"batch {d}/{t}"))
                 if col["layers"]:
@@ -457,8 +463,16 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                                                             noise_sampler_factory=factory, denoiser=ref.denoiser)
                                 probe = layer_probe(qd, qd.unet, probe_set, weight)
                             report = quantize_calibrated(qd.unet, preset, col["layers"], mcfg, sensitivity=probe)
-                        solve = time.perf_counter() - t1
                         qden = SigmaScopedDenoiser(qd, qd.unet)
+                        tuned = None
+                        if method in TUNED:
+                            tuned = tune_grid(qden, qd.unet, col["calls"]["fit"], col["calls"]["hold"], tune or TuneConfig(),
+                                              progress=lambda d, t: d % 50 == 0 and log(f"# {sampler} cfg {cfg_scale}: "
+                                                                                        f"{method} tuning {d}/{t}"))
+                            log(f"# {sampler} cfg {cfg_scale}: {preset} {method}: grid tuned in {tuned['seconds']:.0f} s, "
+                                f"held-out loss {tuned['hold_loss_before']:.4g} -> {tuned['hold_loss_after']:.4g}"
+                                f"{'' if tuned['kept'] else ' (not kept)'}")
+                        solve = time.perf_counter() - t1
                         t2 = time.perf_counter()
                         lat, own = _sample(qden, ref.denoiser, rc, seeds, labels, grid, own_error)
                         img = decode(ref.autoencoder, lat)
@@ -482,6 +496,8 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                             sd15[key] = sd15_bytes_ratio(preset, mcfg, budget_extra)
                         row["sd15_bytes_ratio"] = sd15[key]["ratio"]
                         row["sd15_bound"] = sd15[key]["bound"]
+                        if tuned is not None:
+                            row["tuning"] = tuned
                         if report is not None:
                             row["summary"] = report["summary"]
                             if report.get("allocation"):
@@ -515,7 +531,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                                                            labels, lat_fp, img_fp, preset, method, log))
     res = {"amplitudes": list(amplitudes), "early_sigma": EARLY_SIGMA, "steps": steps, "scheduler": scheduler, "corrections": list(corrections), "n": len(seeds), "seeds": _span(seeds),
            "calib_seeds": _span(calib_seeds), "classes": classes, "budget": budget, "budget_extra": budget_extra,
-           "step_weight": step_weight,
+           "step_weight": step_weight, "guided_stats": bool(guided),
            "outlier_ratio": outlier_ratio, "rows_per_k": rows_per_k, "best": BEST, "collections": collections, "rows": rows,
            "set_comparisons": set_comparisons, "damp": damp, "calib_sets": calib_sets,
            "sd15": {f"{p}/{m}": v for (p, m), v in sd15.items()}, "sd15_stats": sd15_stats_memory()}
@@ -608,7 +624,8 @@ def main(args) -> int:
               correct_on=tuple(m.strip() for m in args.correct_on.split(",")), damp=args.damp,
               calib_sets=args.calib_sets,
               amplitudes=[float(a) for a in args.amplitudes.split(",") if a.strip()] if args.amplitudes else (),
-              own_error=args.own_error)
+              own_error=args.own_error, guided=args.guided,
+              tune=TuneConfig(iterations=args.tune_iters, lr=args.tune_lr, early_weight=args.step_weight))
     print_result(res)
     if args.json:
         emit_json(res)
@@ -651,6 +668,11 @@ def add_parser(sub) -> None:
                         "mirrors the error (write --amplitudes=-1,-0.3)")
     p.add_argument("--own-error", action="store_true",
                    help="also measure each model's early one-step error against FP on its own trajectory's states")
+    p.add_argument("--guided", action="store_true",
+                   help="guided input statistics: CFG calls enter GPTQ's H as (1 − s)·x_uncond + s·x_cond")
+    p.add_argument("--tune-iters", type=int, default=TuneConfig.iterations,
+                   help="iterations of the *_tuned methods' grid tuning (one recorded calibration call each)")
+    p.add_argument("--tune-lr", type=float, default=TuneConfig.lr, help="learning rate of the grid tuning")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")

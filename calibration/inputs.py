@@ -68,6 +68,8 @@ class _Accumulator:
         self.gen = torch.Generator().manual_seed(seed)
         self.handles: list = []
         self.wcalls = {n: 0.0 for n in layers}
+        self.guidance: float | None = None
+        self.batch = 0  # the micro-batch of the current model call (its samples)
 
     def finish(self) -> dict[str, LayerInputs]:
         """Turn the channel sums into means (over samples and calls, step-weighted)."""
@@ -113,6 +115,13 @@ class _Accumulator:
         h = s.h_fit if self.split == "fit" else s.h_hold
         rows_total = 0
         cap = self.max_rows.get(name)
+        b = self.batch
+        if self.guidance is not None and b and x.shape[0] == 2 * b:
+            # a CFG call, [uncond; cond]: the output error that reaches the sample is the guided
+            # combination's, (1 − s)·ΔW·x_u + s·ΔW·x_c = ΔW·x_g, so the rows are x_g (the ranges above
+            # stay those of the raw inputs, which the activation quantizer sees)
+            g = self.guidance
+            x = (1.0 - g) * x[:b] + g * x[b:]
         chunks = list(self._rows(module, x, s))
         n_rows = sum(r.shape[0] for r in chunks)
         for rows in chunks:
@@ -193,7 +202,7 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
                    extra: dict | None = None, *, layers=None, noise_sampler_factory=None, holdout_every: int = 4,
                    batch_size: int = 16, step_weight: Callable[[float], float] | None = None,
                    max_bytes: int | None = None, max_rows: int | None = None, rows_per_k: float | None = None,
-                   chunk_elems: int = 1 << 24,
+                   chunk_elems: int = 1 << 24, guidance: float | None = None, record_calls: bool = False,
                    seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict:
     """Sample ``denoiser`` (FP, the denoiser protocol) from ``x_init`` ``[N, C, H, W]`` over ``sigmas``
     with ``sample_fn`` and return ``{"layers": {name: LayerInputs}, "seconds", "passes", "peak_stats_bytes",
@@ -203,6 +212,20 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
     every float Linear/Conv2d). ``extra`` tensors with first dimension N are split per sample.
     ``noise_sampler_factory(indices)`` gives ancestral samplers the noise of those samples.
     ``progress(done, total)`` is called after each micro-batch of each pass.
+
+    ``record_calls``: also return ``"calls": {"fit": [...], "hold": [...]}``, every model call of the first
+    pass as ``(x, sigma, extra, D_fp)`` (what ``quant.tune.tune_grid`` fits the grid to; the states
+    and outputs of the FP trajectories, ``N·steps·latent`` values each).
+
+    ``guidance``: the CFG scale ``s`` of the sampling, for *guided* second moments. A call whose
+    batch is twice the model call's (the denoiser batching ``[uncond; cond]``, as the reference
+    denoiser does) enters ``H`` as the guided rows ``x_g = (1 − s)·x_u + s·x_c`` instead of ``x_u`` and
+    ``x_c`` separately: to first order (both passes' Jacobians alike) a weight error ``ΔW`` changes
+    the guided prediction by ``J·ΔW·x_g``, so ``tr(ΔW H_g ΔWᵀ)`` is the layer-local error that reaches
+    the sample, while ``H_u + H_c`` weighs the two passes' errors as if they added and ignores that
+    guidance amplifies the part in which cond and uncond inputs differ by ``s``. Calls of any other
+    batch (CFG 1, a denoiser that splits the passes) enter as they are. Per-channel ranges always
+    come from the raw inputs.
     """
     n = 0 if x_init is None else int(x_init.shape[0])
     if n == 0:
@@ -233,14 +256,21 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
     for name, m in chosen.items():
         c = [v for v in (max_rows, None if not rows_per_k else max(64, int(rows_per_k * _k(m) / calls + 1))) if v]
         caps[name] = min(c) if c else None
-    for group in groups:
+    calls: dict[str, list] = {"fit": [], "hold": []}
+    for gi, group in enumerate(groups):
+        recording = record_calls and gi == 0
         acc = _Accumulator({g: chosen[g] for g in group}, caps, chunk_elems, seed)
+        acc.guidance = None if guidance is None or float(guidance) == 1.0 else float(guidance)
 
         def model(x, sigma, **ex):
             s = float(sigma.reshape(-1)[0])
             acc.sigma = s
             acc.weight = 1.0 if step_weight is None else float(step_weight(s))
-            return denoiser(x, sigma, **ex)
+            acc.batch = int(x.shape[0])
+            out = denoiser(x, sigma, **ex)
+            if recording:
+                calls[acc.split].append((x.detach().clone(), sigma.detach().clone(), dict(ex), out.detach().clone()))
+            return out
 
         with acc.hooked():
             for split, idx in batches:
@@ -256,7 +286,7 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
         result.update(acc.finish())
     return {"layers": result, "seconds": time.perf_counter() - t0, "passes": len(groups),
             "peak_stats_bytes": max(sum(sizes[g] for g in group) for group in groups),
-            "n_fit": len(fit), "n_hold": len(hold)}
+            "n_fit": len(fit), "n_hold": len(hold), **({"calls": calls} if record_calls else {})}
 
 
 @torch.no_grad()

@@ -38,7 +38,15 @@ _EPS = 1e-8
 def fake_quantize(
     x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor | int, symmetric: bool
 ) -> torch.Tensor:
-    """Quantize ``x`` to a ``bits``-bit grid spanning ``[lo, hi]`` and dequantize it again."""
+    """Quantize ``x`` to a ``bits``-bit grid spanning ``[lo, hi]`` and dequantize it again.
+
+    While autograd records through ``x`` (``quant/tune.py`` tunes the weights' grid through the
+    quantized activations) the gradient passes straight through the rounding; otherwise the result
+    is the plain quantized value, bit for bit."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        with torch.no_grad():
+            q = fake_quantize(x, lo, hi, bits, symmetric)
+        return x + (q - x).detach()
     xf = x.float()
     lo = lo.float()
     hi = hi.float()

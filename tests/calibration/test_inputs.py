@@ -131,3 +131,56 @@ def test_row_caps_keep_a_random_share_of_every_call():
     # rows_per_k spreads about rows_per_k·K rows over the calls (at least 64 per call)
     big = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, batch_size=2, rows_per_k=1000)
     assert big["layers"]["conv"].rows_fit == full["layers"]["conv"].rows_fit
+
+
+@torch.no_grad()
+def test_recorded_calls_are_the_fp_states_and_outputs_per_split():
+    net = Net()
+    x0 = start()
+    den = Denoiser(net)
+    res = collect_inputs(den, net, sample_euler, x0, SIGMAS, batch_size=2, record_calls=True, max_bytes=1)
+    calls = res["calls"]
+    assert res["passes"] == 2  # recorded on the first pass only
+    # 5 fit samples in micro-batches of 2 (3 calls per step), 1 held-out sample; 3 steps each
+    assert len(calls["fit"]) == 3 * 3 and len(calls["hold"]) == 3
+    for x, sigma, extra, out in calls["fit"] + calls["hold"]:
+        assert torch.equal(out, den(x, sigma, **extra))
+    assert torch.equal(calls["hold"][0][0], x0[3:4])  # every 4th sample is held out
+    assert "calls" not in collect_inputs(den, net, sample_euler, x0, SIGMAS, batch_size=2)
+
+
+class PairDenoiser:
+    """Runs the net on ``[x; x + 1]`` (an "uncond" and a "cond" half) and guides like CFG."""
+
+    def __init__(self, net, scale):
+        self.net, self.scale = net, scale
+
+    def __call__(self, x, sigma, **extra):
+        e_u, e_c = self.net(torch.cat([x, x + 1.0])).chunk(2)
+        return x - sigma.reshape(-1, 1, 1, 1) * (e_u + self.scale * (e_c - e_u))
+
+
+@torch.no_grad()
+def test_guided_statistics_take_the_guided_combination_of_paired_halves():
+    net = Net()
+    x0 = start(4)
+    s = 3.0
+    den = PairDenoiser(net, s)
+    plain = collect_inputs(den, net, sample_euler, x0, SIGMAS, batch_size=4, holdout_every=0)["layers"]
+    guided = collect_inputs(den, net, sample_euler, x0, SIGMAS, batch_size=4, holdout_every=0, guidance=s)["layers"]
+    # by hand: the same trajectories, rows of (1 − s)·x_u + s·x_c
+    want = torch.zeros(18, 18)
+    x = x0.clone()
+    for n in range(len(SIGMAS) - 1):
+        xu, xc = x, x + 1.0
+        rows = F.unfold((1 - s) * xu + s * xc, 3, padding=1).transpose(1, 2).reshape(-1, 18)
+        want += rows.T @ rows
+        x = x + (SIGMAS[n + 1] - SIGMAS[n]) * (x - den(x, SIGMAS[n].expand(4))) / SIGMAS[n]
+    assert torch.allclose(guided["conv"].h_fit, want, rtol=1e-4, atol=1e-2)
+    assert not torch.allclose(plain["conv"].h_fit, want, rtol=1e-2)
+    assert guided["conv"].rows_fit * 2 == plain["conv"].rows_fit
+    # ranges are those of the raw inputs either way
+    assert torch.equal(guided["conv"].absmax, plain["conv"].absmax)
+    # guidance 1 (or calls that are not paired) leaves the statistics as they are
+    same = collect_inputs(den, net, sample_euler, x0, SIGMAS, batch_size=4, holdout_every=0, guidance=1.0)["layers"]
+    assert torch.equal(same["conv"].h_fit, plain["conv"].h_fit)

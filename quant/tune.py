@@ -1,0 +1,209 @@
+"""End-to-end tuning of a quantized model's stored grid (fp16 scales and zero points) against the
+full-precision model's outputs.
+
+Rounding (``gptq.py``) and the budget (``budget.py``) each look at one layer at a time: a layer's
+output error on its own inputs. What reaches the sample is the *model's* output error, after every
+later layer, the 8- or 4-bit activations and classifier-free guidance have acted on it. This step
+keeps every integer code as it is and adjusts only the per-group scale ``s`` and zero point ``z``
+that the storage already holds in fp16 (so it costs zero bytes), by gradient descent on
+
+    Σ_calls w(σ) · mean‖D_q(x, σ) − D_fp(x, σ)‖²
+
+over calls recorded while the FP model sampled the calibration set (``calibration.inputs.collect_inputs``
+with ``record_calls``): the states ``x`` the FP trajectory visited, its σ, its conditioning and its
+output ``D_fp``. ``w(σ)`` weights the first steps (σ ≥ ``early_sigma``) ``early_weight``×, as the
+input statistics do.
+
+Choices (the sources — OmniQuant's learnable weight clipping, EfficientDM's scale tuning — tune
+similar parameters block by block or with LoRA; here the whole denoiser is the block):
+
+* **Parameters**: ``s = s₀·exp(a)`` (a log-multiplier, so one learning rate suits layers whose scales
+  differ by orders of magnitude, and ``s`` stays positive) and ``z = z₀ + b`` in code units; both
+  start at the quantizer's grid (``a = b = 0``). int8 layers (symmetric, no zero point) tune ``a`` only.
+  Codes are never changed: the rounding GPTQ chose stays.
+* **Loss in D-space** (the denoiser's x₀-prediction, what the sampler steps with): an error ``δD`` at
+  step ``i`` moves the latent by ``(1 − σᵢ₊₁/σᵢ)·δD`` for euler, so D-space errors are the errors the
+  trajectory receives; on the reference model this lowered the early one-step error more than an
+  ε-space loss (``δD/σ``) did, which favours the late steps (development seeds only).
+* **Optimiser**: Adam, learning rate ``lr`` decayed to zero on a cosine over ``iterations``; every
+  iteration is one recorded call (one micro-batch at one σ), in a seeded random order.
+* **Activations**: the layers' fake quantizers pass gradients straight through (``activations.fake_quantize``
+  does so only while autograd records, so sampling is unchanged bit for bit).
+* **Held-out check**: the loss on the held-out calls before and after (with the fp16-rounded grid that
+  is stored); the tuned grid is kept only if it is lower (``fallback``), else the model is restored
+  exactly. A non-finite loss stops tuning and restores the model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import QuantizationError
+from .modules import QUANT_LAYERS
+from .weights import _group, decode_blob, unpack_int4
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    iterations: int = 200
+    lr: float = 1e-3
+    early_weight: float = 4.0
+    early_sigma: float = 3.0
+    fallback: bool = True
+    seed: int = 0
+
+    def validate(self) -> "TuneConfig":
+        if self.iterations < 1:
+            raise QuantizationError(f"tuning needs at least one iteration, got {self.iterations!r}")
+        if not self.lr > 0:
+            raise QuantizationError(f"the tuning learning rate must be positive, got {self.lr!r}")
+        if not self.early_weight > 0:
+            raise QuantizationError(f"the early-step weight must be positive, got {self.early_weight!r}")
+        return self
+
+
+class _Grid:
+    """One layer's tunable grid: codes fixed, ``a`` (log scale multiplier) and ``b`` (zero offset)."""
+
+    def __init__(self, layer) -> None:
+        self.layer = layer
+        qt = layer.wqtype
+        self.storage = decode_blob(layer.weight.detach(), qt, layer.weight_shape)
+        self.s0 = self.storage["scale"].float()
+        self.a = nn.Parameter(torch.zeros_like(self.s0))
+        out = layer.weight_shape[0]
+        if qt.packed:
+            codes = unpack_int4(self.storage["qweight"]).float()
+            k = codes.shape[1]
+            self.codes = codes.reshape(out, k // _group(qt, k), _group(qt, k))
+        else:
+            self.codes = self.storage["qweight"].float().reshape(out, 1, -1)
+        self.z0 = self.storage["zero"].float() if "zero" in self.storage else None
+        self.b = None if self.z0 is None else nn.Parameter(torch.zeros_like(self.z0))
+        if qt.packed and self.z0 is None:
+            self.codes = self.codes + qt.qmin  # symmetric int4: stored codes are offset by qmin
+
+    def params(self) -> list:
+        return [self.a] + ([] if self.b is None else [self.b])
+
+    def stored(self, a=None, b=None) -> torch.Tensor:
+        a = self.a if a is None else a
+        c = self.codes if self.z0 is None else self.codes - (self.z0 + (self.b if b is None else b)).unsqueeze(2)
+        return (c * (self.s0 * a.exp()).unsqueeze(2)).reshape(self.layer.weight_shape)
+
+    def weight_function(self, w: torch.Tensor) -> torch.Tensor:
+        # the layer maps the patched *effective* weight back to what it multiplies (``_stored``)
+        return self.layer._effective(self.stored().to(w.dtype))
+
+    def rounded_storage(self) -> dict:
+        """The tuned grid as the storage holds it (fp16), codes unchanged."""
+        st = dict(self.storage)
+        st["scale"] = (self.s0 * self.a.detach().exp()).half()
+        if self.b is not None:
+            st["zero"] = (self.z0 + self.b.detach()).half()
+        return st
+
+
+@contextmanager
+def _tuning_scope(module: nn.Module, grids: list[_Grid]):
+    """Install the grids as the layers' weight functions and freeze every other parameter; undo on exit."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for g in grids:
+            g.layer.weight_function = [g.weight_function]
+        yield
+    finally:
+        for g in grids:
+            g.layer.weight_function = []
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def _call_loss(denoiser, call, cfg: TuneConfig) -> torch.Tensor:
+    x, sigma, extra, target = call
+    out = denoiser(x, sigma, **extra)
+    s = float(sigma.reshape(-1)[0])
+    w = cfg.early_weight if s >= cfg.early_sigma else 1.0
+    return w * (out.float() - target.float()).pow(2).mean()
+
+
+@torch.no_grad()
+def calls_loss(denoiser, calls: list) -> float:
+    """Mean weighted one-step loss of ``denoiser`` over ``calls`` (the tuning objective, default weights)."""
+    cfg = TuneConfig()
+    return float(sum(float(_call_loss(denoiser, c, cfg)) for c in calls) / max(1, len(calls)))
+
+
+def tune_grid(denoiser, module: nn.Module, fit_calls: list, hold_calls: list, config: TuneConfig | None = None,
+              progress=None) -> dict:
+    """Tune the scales and zero points of every quantized layer of ``module`` (the network inside
+    ``denoiser``, a σ-scoped quantized denoiser ``denoiser(x, sigma, **extra) → D``) in place.
+
+    ``fit_calls`` / ``hold_calls``: ``(x, sigma, extra, D_fp)`` from FP sampling of the calibration set
+    (disjoint samples). Returns a report: losses before and after on both, kept or not, iterations, seconds."""
+    cfg = (config or TuneConfig()).validate()
+    if not fit_calls:
+        raise QuantizationError("tuning needs recorded calibration calls; none were given")
+    layers = [m for m in module.modules() if isinstance(m, QUANT_LAYERS)]
+    if not layers:
+        raise QuantizationError("the module has no quantized layers to tune")
+    for m in layers:
+        if m.weight_function or m.__dict__.get("weight_lowvram_function") is not None:
+            raise QuantizationError(f"layer {m.layer!r} has weight patches; tune before patching the model")
+    t0 = time.perf_counter()
+    hold = hold_calls or fit_calls
+    before_fit, before_hold = calls_loss(denoiser, fit_calls), calls_loss(denoiser, hold)
+    if not (math.isfinite(before_fit) and math.isfinite(before_hold)):
+        raise QuantizationError("the loss on the calibration calls is not finite: the quantized model's output "
+                                "or the FP targets have NaN/inf")
+    grids = [_Grid(m) for m in layers]
+    originals = [m.weight.detach().clone() for m in layers]
+    params = [p for g in grids for p in g.params()]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    note = None
+    with _tuning_scope(module, grids), torch.enable_grad():
+        for it in range(cfg.iterations):
+            if not order:
+                order = torch.randperm(len(fit_calls), generator=gen).tolist()
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * it / cfg.iterations))
+            loss = _call_loss(denoiser, fit_calls[order.pop()], cfg)
+            if not torch.isfinite(loss):
+                note = f"non-finite loss at iteration {it + 1}; the grid was restored"
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if progress is not None:
+                progress(it + 1, cfg.iterations)
+    if note is None:
+        for m, g in zip(layers, grids):
+            m.set_storage(g.rounded_storage())
+        after_fit, after_hold = calls_loss(denoiser, fit_calls), calls_loss(denoiser, hold)
+    else:
+        after_fit = after_hold = float("nan")
+    kept = note is None and (not cfg.fallback or after_hold < before_hold)
+    if not kept:
+        for m, w in zip(layers, originals):
+            m.weight = nn.Parameter(w, requires_grad=False)
+        if note is None:
+            note = (f"held-out loss {after_hold:.4g} ≥ {before_hold:.4g} before tuning; the grid was restored")
+    report = {"kept": kept, "iterations": cfg.iterations, "layers": len(layers), "lr": cfg.lr,
+              "fit_loss_before": before_fit, "fit_loss_after": after_fit,
+              "hold_loss_before": before_hold, "hold_loss_after": after_hold,
+              "seconds": round(time.perf_counter() - t0, 2)}
+    if note:
+        report["note"] = note
+    for m in layers:
+        m.calib = {**(m.calib or {}), "grid_tuned": kept}
+    return report

@@ -1,0 +1,117 @@
+"""End-to-end tuning of the stored grid (quant/tune.py, issue 11)."""
+
+import copy
+
+import pytest
+import torch
+
+from qcorrect.quant import QuantizationError, SigmaScopedDenoiser, quantize_model
+from qcorrect.quant.activations import fake_quantize
+from qcorrect.quant.modules import QUANT_LAYERS
+from qcorrect.quant.tune import TuneConfig, calls_loss, tune_grid
+from qcorrect.quant.weights import decode_blob
+
+from .toy import make_toy
+
+
+class Denoiser:
+    """``D(x, σ) = x − σ·net(x, temb(σ))`` around the toy UNet (the denoiser protocol)."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, x, sigma, **extra):
+        s = sigma.reshape(-1).float()
+        freqs = torch.arange(16, dtype=torch.float32)
+        temb = torch.cat([torch.sin(s[:, None] * freqs), torch.cos(s[:, None] * freqs)], dim=1)
+        return x - s.reshape(-1, 1, 1, 1) * self.net(x, temb.expand(x.shape[0], -1))
+
+
+def calls(fp, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for i in range(n):
+            sigma = torch.full((4,), [8.0, 3.5, 1.0, 0.3][i % 4])
+            x = sigma[0] * torch.randn(4, 4, 8, 8, generator=g)
+            out.append((x, sigma, {}, fp(x, sigma)))
+    return out
+
+
+def quantized(preset="W4A8"):
+    fp = Denoiser(make_toy())
+    q = Denoiser(copy.deepcopy(fp.net))
+    quantize_model(q.net, preset)
+    return fp, q, SigmaScopedDenoiser(q, q.net)
+
+
+@pytest.mark.parametrize("preset,factor", [("W4A8", 0.95), ("W8A8", 0.99)])  # W8A8: mostly activation error
+def test_tuning_lowers_the_held_out_loss_keeps_every_code_and_costs_no_bytes(preset, factor):
+    fp, q, qd = quantized(preset)
+    fit, hold = calls(fp, 24, 1), calls(fp, 8, 2)
+    layers = [m for m in q.net.modules() if isinstance(m, QUANT_LAYERS)]
+    before = [decode_blob(m.weight, m.wqtype, m.weight_shape) for m in layers]
+    sizes = [m.weight.numel() for m in layers]
+    floats = {n: p.detach().clone() for n, p in q.net.named_parameters() if p.is_floating_point()}
+    flags = {n: p.requires_grad for n, p in q.net.named_parameters()}
+    rep = tune_grid(qd, q.net, fit, hold, TuneConfig(iterations=60, lr=3e-3))
+    assert rep["kept"], rep
+    assert rep["hold_loss_after"] < factor * rep["hold_loss_before"]
+    assert rep["hold_loss_after"] == pytest.approx(calls_loss(qd, hold))
+    changed = 0
+    for m, b, n in zip(layers, before, sizes):
+        after = decode_blob(m.weight, m.wqtype, m.weight_shape)
+        assert torch.equal(after["qweight"], b["qweight"])  # the rounding is not touched
+        assert m.weight.numel() == n and m.weight.dtype == torch.uint8
+        changed += int(not torch.equal(after["scale"], b["scale"]))
+        assert m.calib["grid_tuned"] is True
+        assert not m.weight_function  # the tuning hooks are gone
+    assert changed == len(layers)
+    # nothing else of the model was trained (biases, norms, 16-bit layers), and its flags are as they were
+    for n, p in q.net.named_parameters():
+        assert p.requires_grad == flags[n]
+        if n in floats:
+            assert torch.equal(p, floats[n]), n
+
+
+def test_a_tuning_that_does_not_help_on_held_out_calls_is_undone_exactly():
+    fp, q, qd = quantized()
+    fit = calls(fp, 16, 1)
+    with torch.no_grad():  # held-out "targets" are the quantized model's own outputs: its loss is 0 already
+        hold = [(x, s, e, qd(x, s)) for x, s, e, _ in calls(fp, 4, 2)]
+    blobs = [m.weight.detach().clone() for m in q.net.modules() if isinstance(m, QUANT_LAYERS)]
+    rep = tune_grid(qd, q.net, fit, hold, TuneConfig(iterations=20, lr=3e-3))
+    assert not rep["kept"] and "restored" in rep["note"]
+    for m, b in zip([m for m in q.net.modules() if isinstance(m, QUANT_LAYERS)], blobs):
+        assert torch.equal(m.weight, b)
+        assert m.calib["grid_tuned"] is False
+
+
+def test_bad_inputs_are_refused_with_clear_errors():
+    fp, q, qd = quantized()
+    with pytest.raises(QuantizationError, match="recorded calibration calls"):
+        tune_grid(qd, q.net, [], [])
+    bad = [(x, s, e, torch.full_like(t, float("nan"))) for x, s, e, t in calls(fp, 2, 1)]
+    with pytest.raises(QuantizationError, match="not finite"):
+        tune_grid(qd, q.net, bad, bad)
+    with pytest.raises(QuantizationError, match="no quantized layers"):
+        tune_grid(fp, fp.net, calls(fp, 2, 1), [])
+    layer = next(m for m in q.net.modules() if isinstance(m, QUANT_LAYERS))
+    layer.weight_function = [lambda w: w]
+    with pytest.raises(QuantizationError, match="weight patches"):
+        tune_grid(qd, q.net, calls(fp, 2, 1), [])
+    with pytest.raises(QuantizationError, match="iteration"):
+        TuneConfig(iterations=0).validate()
+
+
+def test_activation_fake_quantization_is_unchanged_without_autograd_and_straight_through_with_it():
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    lo, hi = x.amin(), x.amax()
+    plain = fake_quantize(x, lo, hi, 4, False)
+    xg = x.clone().requires_grad_(True)
+    y = fake_quantize(xg, lo, hi, 4, False)
+    assert torch.equal(y.detach(), plain)
+    y.sum().backward()
+    assert torch.equal(xg.grad, torch.ones_like(x))
+    with torch.no_grad():
+        assert torch.equal(fake_quantize(xg, lo, hi, 4, False), plain)
