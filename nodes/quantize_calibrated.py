@@ -7,7 +7,14 @@ structural copy of the model that this node owns (``calibration/inputs.py``; no 
 a module of the input MODEL). Then a second copy is quantized from those statistics: GPTQ-style
 rounding scored against round-to-nearest per layer on held-out calibration samples, optionally
 AWQ-style input scales, and an optional byte budget spent on int8 layers and low-rank branches.
-Progress bar over the sampling; cancel stops within one model call and leaves the input untouched.
+Optionally (``tune_iterations`` > 0) the quantized model's stored fp16 scales and zero points are then
+tuned end to end against the FP model's outputs on the recorded calibration calls (``quant/tune.py``;
+codes unchanged, zero extra bytes, kept only if the held-out loss drops). That is a backward pass
+through the model once per iteration, run with autograd re-enabled inside ComfyUI's inference mode
+on normal-tensor copies of what our copy of the model holds (ComfyUI's own training node does the
+same); it needs the activation memory of one model call's backward pass, hence off by default.
+Progress bar over the sampling (and the tuning); cancel stops within one model call and leaves the
+input untouched.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from ..calibration.inputs import (
 from ..quant import PRESETS, plan_summary
 from ..quant import preset as quant_preset
 from ..quant.calibrated import CalibratedConfig, calibrated_summary, quantize_calibrated
+from ..quant.tune import TuneConfig, tune_grid
 from . import patching
 from .calibrate import CALIBRATION_SAMPLERS, GuidedRun, ancestral_noise, calibration_set
 
@@ -31,7 +39,8 @@ CATEGORY = "qcorrect"
 
 
 def collect_model_inputs(model, base, positive, negative, latent_image, seed, sampler, scheduler, steps, cfg,
-                         batches, baked, early_steps_weight: float = 4.0, stats_memory_gb: float = 4.0) -> dict:
+                         batches, baked, early_steps_weight: float = 4.0, stats_memory_gb: float = 4.0,
+                         record_calls: bool = False) -> dict:
     """Sample ``model`` (as a patcher around our copy ``base``) over the calibration set and stream the
     per-layer input statistics of ``base``'s diffusion model.
 
@@ -60,13 +69,74 @@ def collect_model_inputs(model, base, positive, negative, latent_image, seed, sa
             factory = lambda idx: make(int(idx[0]), int(idx[0]) + len(idx))  # noqa: E731
         return collect_inputs(q, patching.diffusion_model(work), sample_fn, x_init, sigmas, {}, batch_size=bs,
                               noise_sampler_factory=factory, seed=int(seed), step_weight=weight,
-                              max_bytes=max_bytes, rows_per_k=DEFAULT_ROWS_PER_K)
+                              max_bytes=max_bytes, rows_per_k=DEFAULT_ROWS_PER_K, record_calls=record_calls)
 
     guider = comfy.samplers.CFGGuider(work)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     run = GuidedRun(job, noise, latents, passes * (sigmas.shape[-1] - 1) * math.ceil(n / bs))
     guider.sample(noise[:bs], latents[:bs], run, sigmas, disable_pbar=True, seed=int(seed))
+    return run.result
+
+
+def _normal(t):
+    """A tensor made under ComfyUI's inference mode → a normal copy autograd may save (else itself)."""
+    return t.clone() if torch.is_tensor(t) and t.is_inference() else t
+
+
+def _normal_tree(obj):
+    """Conditioning lists/dicts with every inference tensor replaced by a normal copy."""
+    if torch.is_tensor(obj):
+        return _normal(obj)
+    if isinstance(obj, dict):
+        return {k: _normal_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_normal_tree(v) for v in obj)
+    return obj
+
+
+def _normal_module(module: torch.nn.Module) -> int:
+    """Replace the module tree's inference-mode parameters and buffers by normal copies (our copy of
+    the model only); returns how many were replaced."""
+    n = 0
+    for m in module.modules():
+        for k, p in list(m._parameters.items()):
+            if p is not None and p.is_inference():
+                m._parameters[k] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                n += 1
+        for k, b in list(m._buffers.items()):
+            if b is not None and b.is_inference():
+                m._buffers[k] = b.clone()
+                n += 1
+    return n
+
+
+def tune_model(out, positive, negative, latent_image, seed, sigmas, cfg, calls: dict, iterations: int,
+               early_steps_weight: float) -> dict:
+    """Tune the stored grid of ``out`` (our quantized MODEL) on the recorded FP calls, through ComfyUI's
+    guider (its conditioning and CFG), with autograd on; returns :func:`tune_grid`'s report."""
+    config = TuneConfig(iterations=int(iterations), early_weight=float(early_steps_weight)).validate()
+    fit, hold = calls["fit"], calls["hold"]
+    with torch.inference_mode(False):
+        _normal_module(out.model)
+        pos, neg = _normal_tree(positive), _normal_tree(negative)
+        latents, noise = calibration_set(out, latent_image, seed, 1)
+
+        def job(q, fp, x_init, sigmas, grid):
+            dev = x_init.device
+
+            def move(c):
+                x, s, ex, d = c
+                return x.clone().to(dev), s.clone().to(dev), {}, d.clone().to(dev)
+            return tune_grid(q, patching.diffusion_model(out), [move(c) for c in fit], [move(c) for c in hold],
+                             config)
+
+        guider = comfy.samplers.CFGGuider(out)
+        guider.set_conds(pos, neg)
+        guider.set_cfg(cfg)
+        total = config.iterations + 2 * (len(fit) + (len(hold) or len(fit)))
+        run = GuidedRun(job, noise, latents, total)
+        guider.sample(noise, latents, run, sigmas.clone(), disable_pbar=True, seed=int(seed))
     return run.result
 
 
@@ -105,28 +175,45 @@ class QuantizeModelCalibrated(io.ComfyNode):
                 io.Float.Input("stats_memory_gb", default=4.0, min=0.25, max=1024.0, step=0.25, optional=True,
                                tooltip="Host RAM the per-layer input statistics may take at once. Layers that do not "
                                        "fit together are collected in further sampling passes (slower, same result)."),
+                io.Int.Input("tune_iterations", default=0, min=0, max=10000, optional=True,
+                             tooltip="Then tune the stored scales and zero points end to end against the full-"
+                                     "precision outputs for this many steps (one model call and its backward pass "
+                                     "each; 200 = the measured setting, +0.7 to +1.4 dB PSNR on the reference model). "
+                                     "Needs the memory of one backward pass; 0 = off."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, preset, positive, negative, latent_image, seed, sampler, scheduler, steps, cfg, batches,
-                rounding, awq, budget, early_steps_weight=4.0, stats_memory_gb=4.0) -> io.NodeOutput:
+                rounding, awq, budget, early_steps_weight=4.0, stats_memory_gb=4.0,
+                tune_iterations=0) -> io.NodeOutput:
         plan = quant_preset(preset)
         config = CalibratedConfig(rounding=rounding, awq=bool(awq), budget=float(budget) or None).validate()
         sample_base, baked = patching.baked_copy(model, plan)
         collected = collect_model_inputs(model, sample_base, positive, negative, latent_image, seed, sampler,
-                                         scheduler, steps, cfg, batches, baked, early_steps_weight, stats_memory_gb)
+                                         scheduler, steps, cfg, batches, baked, early_steps_weight, stats_memory_gb,
+                                         record_calls=int(tune_iterations) > 0)
         del sample_base
         base, baked = patching.baked_copy(model, plan)  # a fresh copy: the sampled one was loaded by ComfyUI
         with torch.no_grad():
             quantize_calibrated(base.diffusion_model, plan, collected["layers"], config)
         out = patching.new_model_patcher(model, base, drop_patches=baked)
+        tuned = None
+        if int(tune_iterations) > 0:
+            sigmas = comfy.samplers.KSampler(out, steps=steps, device=out.load_device, sampler=sampler,
+                                             scheduler=scheduler).sigmas
+            tuned = tune_model(out, positive, negative, latent_image, seed, sigmas, cfg, collected["calls"],
+                               int(tune_iterations), early_steps_weight)
         lines = [plan_summary(base.diffusion_model), calibrated_summary(base.diffusion_model),
                  f"calibration: {collected['n_fit']} + {collected['n_hold']} held-out samples, input statistics "
                  f"{collected['seconds']:.1f} s in {collected['passes']} sampling pass(es), peak "
                  f"{collected['peak_stats_bytes'] / 2**20:.1f} MiB",
                  f"model size {out.model_size() / 2**20:.1f} MiB (input {model.model_size() / 2**20:.1f} MiB)"]
+        if tuned is not None:
+            lines.append(f"grid tuning: {tuned['iterations']} iterations in {tuned['seconds']:.1f} s, held-out loss "
+                         f"{tuned['hold_loss_before']:.4g} → {tuned['hold_loss_after']:.4g}"
+                         + ("" if tuned["kept"] else f" — not kept ({tuned.get('note', '')})"))
         return io.NodeOutput(out, ui=ui.PreviewText("\n".join(lines)))
 
 

@@ -308,3 +308,66 @@ def test_cancelling_a_calibrated_quantization_leaves_no_model_and_the_input_unto
         model_management.interrupt_current_processing(False)
     assert len(updates) == 2
     assert all(torch.equal(before[k], v) for k, v in _weights(fp).items())
+
+
+def _calibrated(fp, tune_iterations, preset="W4A16"):
+    from nodekit import conditioning
+    from qcorrect.nodes.quantize_calibrated import QuantizeModelCalibrated
+
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        return node_output(QuantizeModelCalibrated.execute(
+            fp, preset, conditioning(0), conditioning(1, 0.0), {"samples": torch.zeros(2, 4, 8, 8)}, 11, "euler",
+            "normal", 4, 3.0, 2, "gptq", False, 0.0, tune_iterations=tune_iterations))
+
+
+def test_calibrated_quantize_model_tunes_the_stored_grid_under_inference_mode(comfy, fp):
+    """``tune_iterations``: the scales and zero points are tuned end to end with autograd re-enabled inside
+    ComfyUI's inference mode; codes and bytes stay those of the untuned model, the input model is untouched."""
+    from qcorrect.quant import QuantConv2d, QuantLinear
+    from qcorrect.quant.weights import decode_blob
+
+    before = _weights(fp)
+    (plain,), _ = _calibrated(fp, 0)
+    (tuned,), text = _calibrated(fp, 40)
+    assert all(torch.equal(before[k], v) for k, v in _weights(fp).items())
+    line = next(t for t in text.splitlines() if t.startswith("grid tuning"))
+    assert "40 iterations" in line and "not kept" not in line, line
+    a, b = (float(v) for v in line.split("held-out loss ")[1].split(" → "))
+    assert b < a
+    layers = lambda m: {n: l for n, l in m.get_model_object("diffusion_model").named_modules()  # noqa: E731
+                        if isinstance(l, (QuantLinear, QuantConv2d))}
+    lp, lt = layers(plain), layers(tuned)
+    assert lp.keys() == lt.keys() and lp
+    scales_moved = 0
+    for n in lp:
+        sp = decode_blob(lp[n].weight, lp[n].wqtype, lp[n].weight_shape)
+        st = decode_blob(lt[n].weight, lt[n].wqtype, lt[n].weight_shape)
+        assert torch.equal(sp["qweight"], st["qweight"]) and lp[n].weight.shape == lt[n].weight.shape
+        scales_moved += int(not torch.equal(sp["scale"], st["scale"]))
+        assert lt[n].calib["grid_tuned"] is True and not lt[n].weight_function
+    assert scales_moved == len(lp)
+    with torch.inference_mode():
+        assert torch.isfinite(sample(tuned)).all()
+
+
+def test_cancelling_during_the_grid_tuning_leaves_no_model_and_the_input_untouched(comfy, fp):
+    from comfy import model_management, utils
+
+    before = _weights(fp)
+    updates = []
+
+    def hook(value, total, preview, node_id=None):
+        updates.append((value, total))
+        if sum(1 for _, t in updates if t > 1000) == 3:  # three calls into the tuning's own bar
+            model_management.interrupt_current_processing(True)
+
+    utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(model_management.InterruptProcessingException):
+            _calibrated(fp, 1000)
+    finally:
+        utils.set_progress_bar_global_hook(None)
+        model_management.interrupt_current_processing(False)
+    # the sampling pass had its bar; the tuning's counts its iterations and loss evaluations, and stopped there
+    assert updates[0][1] < 1000 and updates[-1][1] > 1000 and updates[-1][0] < 100
+    assert all(torch.equal(before[k], v) for k, v in _weights(fp).items())
