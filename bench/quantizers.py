@@ -34,6 +34,7 @@ of the weight error alone.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import replace
@@ -613,7 +614,48 @@ def print_result(res: dict) -> None:
             print(line)
 
 
+def compare_saved(res: dict, a: str, b: str) -> list[dict]:
+    """Per preset, sampler and CFG of a saved run (its ``--json`` object): method ``b`` against method
+    ``a`` sample by sample, from the per-sample latent MSEs — the share of ``a``'s latent MSE that ``b``
+    removes (paired bootstrap 95% interval, as ``gap closed`` against round-to-nearest), the median
+    per-sample share, the samples ``b`` makes worse and more than 2× worse."""
+    out = []
+    rows = {(r["preset"], r["sampler"], r["cfg"], r["method"]): r for r in res["rows"] if "per_sample_latent_mse" in r}
+    for (preset, sampler, cfg, method), ra in rows.items():
+        rb = rows.get((preset, sampler, cfg, b))
+        if method != a or rb is None:
+            continue
+        ma = torch.tensor(ra["per_sample_latent_mse"], dtype=torch.float64)
+        mb = torch.tensor(rb["per_sample_latent_mse"], dtype=torch.float64)
+        ratio = mb / ma.clamp_min(1e-30)
+        out.append({"preset": preset, "sampler": sampler, "cfg": cfg, "a": a, "b": b, "n": int(ma.numel()),
+                    "mse_removed": _ci(paired_bootstrap_ci(mb.numpy(), ma.numpy(), stat="ratio")),
+                    "median_removed": float((1 - ratio).median()), "worse_share": float((ratio > 1).double().mean()),
+                    "over_2x": int((ratio > 2).sum())})
+    return out
+
+
+def print_comparisons(comps: list[dict]) -> None:
+    print_table(["preset", "sampler", "cfg", "B vs A", "N", "A's latent MSE removed by B % [95% CI]", "median %",
+                 "B worse on %", "B > 2× A"],
+                [[c["preset"], c["sampler"], f"{c['cfg']:g}", f"{c['b']} vs {c['a']}", str(c["n"]),
+                  _fmt_ci(c["mse_removed"]), f"{100 * c['median_removed']:+.1f}", f"{100 * c['worse_share']:.0f}",
+                  str(c["over_2x"])] for c in comps])
+
+
 def main(args) -> int:
+    if args.compare:
+        a, _, b = args.compare.partition(",")
+        comps = []
+        for path in args.compare_json:
+            with open(path) as f:
+                comps += compare_saved(json.loads(f.read().strip().splitlines()[-1]), a.strip(), b.strip())
+        if not comps:
+            raise SystemExit(f"no setting with both {a!r} and {b!r} rows in {', '.join(args.compare_json)}")
+        print_comparisons(comps)
+        if args.json:
+            emit_json({"comparisons": comps})
+        return 0
     set_threads(args.threads)
     res = run(parse_presets(args.preset), parse_methods(args.methods), args.sampler.split(","),
               [float(c) for c in args.cfg.split(",")] if args.cfg else [load_reference().default_cfg],
@@ -673,6 +715,10 @@ def add_parser(sub) -> None:
     p.add_argument("--tune-iters", type=int, default=TuneConfig.iterations,
                    help="iterations of the *_tuned methods' grid tuning (one recorded calibration call each)")
     p.add_argument("--tune-lr", type=float, default=TuneConfig.lr, help="learning rate of the grid tuning")
+    p.add_argument("--compare", default=None, metavar="A,B",
+                   help="instead of running: compare method B with method A sample by sample in saved --json outputs")
+    p.add_argument("--compare-json", nargs="+", default=[], metavar="FILE",
+                   help="saved outputs of 'bench quantizers --json' (their last line) for --compare")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")

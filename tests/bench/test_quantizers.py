@@ -246,3 +246,31 @@ def test_own_trajectory_tracker_closes_batches_in_order():
     t(torch.full((1, 1), 2.0), torch.full((1,), 2.0))
     t.end_batch(1, 3)
     assert t.per_sample().tolist() == [1.0, 1.0, 4.0] and calls == [5.0, 0.5, 2.0]
+
+
+def test_tuned_methods_tune_the_grid_of_their_base_method_on_the_recorded_calibration_calls(tmp_path):
+    from qcorrect.quant.tune import TuneConfig
+
+    res = quantizers.run(["W4A16"], ["rtn", "gptq", "gptq_tuned"], ["euler"], [3.0], SEEDS, CALIB, CLASSES,
+                         tune=TuneConfig(iterations=30, lr=1e-3), **SMALL)
+    rows = {r["method"]: r for r in res["rows"]}
+    t = rows["gptq_tuned"]["tuning"]
+    assert t["iterations"] == 30 and t["layers"] > 0
+    assert t["kept"] and t["hold_loss_after"] < t["hold_loss_before"]
+    assert rows["gptq_tuned"]["bytes_ratio"] == rows["gptq"]["bytes_ratio"]  # no extra bytes
+    assert rows["gptq_tuned"]["latent_mse"] != rows["gptq"]["latent_mse"]
+    # a saved run compared method against method, sample by sample
+    path = tmp_path / "run.json"
+    path.write_text("table\n" + json.dumps(res, default=str) + "\n")
+    comps = quantizers.compare_saved(json.loads(path.read_text().splitlines()[-1]), "gptq", "gptq_tuned")
+    assert len(comps) == 1 and comps[0]["n"] == len(SEEDS)
+    a = torch.tensor(rows["gptq"]["per_sample_latent_mse"], dtype=torch.float64)
+    b = torch.tensor(rows["gptq_tuned"]["per_sample_latent_mse"], dtype=torch.float64)
+    assert comps[0]["mse_removed"]["estimate"] == pytest.approx(float(1 - b.mean() / a.mean()), rel=1e-6)
+    assert comps[0]["worse_share"] == pytest.approx(float((b > a).double().mean()))
+    parser = __import__("argparse").ArgumentParser()
+    quantizers.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["quantizers", "--compare", "gptq,gptq_tuned", "--compare-json", str(path)])
+    assert quantizers.main(args) == 0
+    with pytest.raises(SystemExit, match="no setting"):
+        quantizers.main(parser.parse_args(["quantizers", "--compare", "gptq,awq", "--compare-json", str(path)]))
