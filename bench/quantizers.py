@@ -18,7 +18,9 @@ fallback to round-to-nearest on held-out statistics), ``gptq_nofb`` (no fallback
 ``gptq_rank`` / ``gptq_budget`` (GPTQ plus the ``--budget`` spent on int8 layers, low-rank branches,
 or both and the plan's 16-bit layers, weighted by each layer's measured sensitivity;
 ``gptq_budget_nokept`` without the plan's layers; ``gptq_budget_rel`` weighted by relative output
-error, no probe), ``all`` (every lever), ``best`` (the pack's default calibrated quantizer, :data:`BEST`).
+error, no probe), ``all`` (every lever), ``best`` (the pack's default calibrated quantizer, :data:`BEST`);
+``best_tuned`` / ``gptq_tuned`` / ``rtn_tuned``: that method followed by end-to-end tuning of the stored
+grid (``quant/tune.py``) on the calls the FP model made while sampling the calibration set.
 
 Two diagnostics place every method on one scale: the one-step error of the model's output on the
 FP trajectory's own states, ``mean‖D_q(x_i, σ_i) − D_fp(x_i, σ_i)‖²``, over the steps with σ ≥ 3
@@ -89,7 +91,7 @@ NO_PROBE = {"gptq_budget_rel"}
 BEST = "gptq_budget"
 METHODS["best"] = METHODS[BEST]
 #: methods that are another method plus end-to-end tuning of the stored grid (``quant/tune.py``)
-TUNED = {"best_tuned": "best", "gptq_tuned": "gptq"}
+TUNED = {"best_tuned": "best", "gptq_tuned": "gptq", "rtn_tuned": "rtn"}
 for _name, _base in TUNED.items():
     METHODS[_name] = METHODS[_base]
 PROBE_SAMPLES = 2
@@ -427,7 +429,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                 extra = {"cond": labels_for(cal, classes), "cfg_scale": cfg_scale}
                 factory = lambda idx, cal=cal: PerSampleNoise([cal[i] for i in idx], LATENT)  # noqa: E731
                 weight = None if step_weight == 1.0 else early_weight(step_weight)
-                if all(METHODS[m] is None for m in methods):  # round-to-nearest (and analysis rows) only
+                if all(METHODS[m] is None and m not in TUNED for m in methods):  # round-to-nearest (and analysis rows) only
                     col = {"layers": {}}
                 else:
                     col = collect_inputs(ref.denoiser, ref.denoiser.unet, SAMPLERS[sampler], x0, sigmas, extra,
@@ -483,7 +485,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                                **summary(lat, lat_fp, img, img_fp, labels, ref.classifier),
                                **_tail(per),
                                "bytes_ratio": round(resident_bytes(copy.deepcopy(qd.unet).half()) / fp16_ref, 4),
-                               "calib_seconds": 0.0 if mcfg is None else round(col["seconds"] + solve, 1),
+                               "calib_seconds": 0.0 if mcfg is None and tuned is None else round(col["seconds"] + solve, 1),
                                "solve_seconds": round(solve, 1), "sample_seconds": round(time.perf_counter() - t2, 1)}
                         errs = _step_errors(qden, states, own)
                         key = (preset, method)

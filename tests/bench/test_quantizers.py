@@ -251,9 +251,12 @@ def test_own_trajectory_tracker_closes_batches_in_order():
 def test_tuned_methods_tune_the_grid_of_their_base_method_on_the_recorded_calibration_calls(tmp_path):
     from qcorrect.quant.tune import TuneConfig
 
-    res = quantizers.run(["W4A16"], ["rtn", "gptq", "gptq_tuned"], ["euler"], [3.0], SEEDS, CALIB, CLASSES,
+    res = quantizers.run(["W4A16"], ["rtn", "rtn_tuned", "gptq", "gptq_tuned"], ["euler"], [3.0], SEEDS, CALIB, CLASSES,
                          tune=TuneConfig(iterations=30, lr=1e-3), **SMALL)
     rows = {r["method"]: r for r in res["rows"]}
+    # tuning alone, on round-to-nearest's grid: its codes, its bytes, a calibration cost
+    assert rows["rtn_tuned"]["bytes_ratio"] == rows["rtn"]["bytes_ratio"]
+    assert rows["rtn_tuned"]["calib_seconds"] > 0 and "tuning" in rows["rtn_tuned"]
     t = rows["gptq_tuned"]["tuning"]
     assert t["iterations"] == 30 and t["layers"] > 0
     assert t["kept"] and t["hold_loss_after"] < t["hold_loss_before"]
