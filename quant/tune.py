@@ -136,9 +136,10 @@ def _call_loss(denoiser, call, cfg: TuneConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calls_loss(denoiser, calls: list) -> float:
-    """Mean weighted one-step loss of ``denoiser`` over ``calls`` (the tuning objective, default weights)."""
-    cfg = TuneConfig()
+def calls_loss(denoiser, calls: list, config: TuneConfig | None = None) -> float:
+    """Mean weighted one-step loss of ``denoiser`` over ``calls`` (the tuning objective; ``config``'s
+    step weights, default :class:`TuneConfig`'s)."""
+    cfg = config or TuneConfig()
     return float(sum(float(_call_loss(denoiser, c, cfg)) for c in calls) / max(1, len(calls)))
 
 
@@ -160,7 +161,7 @@ def tune_grid(denoiser, module: nn.Module, fit_calls: list, hold_calls: list, co
             raise QuantizationError(f"layer {m.layer!r} has weight patches; tune before patching the model")
     t0 = time.perf_counter()
     hold = hold_calls or fit_calls
-    before_fit, before_hold = calls_loss(denoiser, fit_calls), calls_loss(denoiser, hold)
+    before_fit, before_hold = calls_loss(denoiser, fit_calls, cfg), calls_loss(denoiser, hold, cfg)
     if not (math.isfinite(before_fit) and math.isfinite(before_hold)):
         raise QuantizationError("the loss on the calibration calls is not finite: the quantized model's output "
                                 "or the FP targets have NaN/inf")
@@ -189,7 +190,7 @@ def tune_grid(denoiser, module: nn.Module, fit_calls: list, hold_calls: list, co
     if note is None:
         for m, g in zip(layers, grids):
             m.set_storage(g.rounded_storage())
-        after_fit, after_hold = calls_loss(denoiser, fit_calls), calls_loss(denoiser, hold)
+        after_fit, after_hold = calls_loss(denoiser, fit_calls, cfg), calls_loss(denoiser, hold, cfg)
     else:
         after_fit = after_hold = float("nan")
     kept = note is None and (not cfg.fallback or after_hold < before_hold)
