@@ -63,6 +63,9 @@ class _QuantLayer(nn.Module):
         self.comfy_cast_weights = False
         self.weight_function: list = []
         self.bias_function: list = []
+        # set only while ``quant.tune`` tunes this layer's grid: ``grid_op(x)`` computes the main path
+        # from the blob's codes and the grid being tuned (see ``_main``); None otherwise
+        self.grid_op = None
 
     def _load_weight(self, weight: torch.Tensor) -> None:
         self.weight = nn.Parameter(quantize_to_blob(weight, self.wqtype, self.layer), requires_grad=False)
@@ -255,6 +258,18 @@ class _QuantLayer(nn.Module):
     def _main_input(self, x: torch.Tensor) -> torch.Tensor:
         return x / self._scale_view(x) if self.has_input_scale else x
 
+    def _main(self, x: torch.Tensor) -> torch.Tensor:
+        """The main path: quantized activations times the blob's weight (``_op``), or, while the grid is
+        being tuned, ``grid_op`` on the same quantized activations (no dequantized blob is made then)."""
+        xin = self.act(self._main_input(x))
+        if self.grid_op is not None:
+            return self.grid_op(xin)
+        w, b = self._weight_and_bias(x)
+        return self._op(xin, w, b)
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
     def describe(self) -> dict:
         d = {"type": self.layer_type, "weight": self.wqtype.name, **self.act.describe(), **self._extra()}
         if self.fallback:
@@ -296,12 +311,14 @@ class QuantLinear(_QuantLayer):
         return q.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self._weight_and_bias(x)
-        y = F.linear(self.act(self._main_input(x)), w, b)
+        y = self._main(x)
         if self.rank:
             down = self.lowrank_down.to(device=x.device, dtype=x.dtype)
             y = y + F.linear(F.linear(x, down), self.lowrank_up.to(device=x.device, dtype=x.dtype))
         return y
+
+    def _op(self, x, w, b):
+        return F.linear(x, w, b)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight={self.wqtype.name}"
@@ -352,9 +369,11 @@ class QuantConv2d(_QuantLayer):
     def in_channels_count(self) -> int:
         return self.in_channels // self.groups
 
+    def _op(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self._weight_and_bias(x)
-        y = F.conv2d(self.act(self._main_input(x)), w, b, self.stride, self.padding, self.dilation, self.groups)
+        y = self._main(x)
         if self.rank:
             r = self.rank
             down = self.lowrank_down.to(device=x.device, dtype=x.dtype).reshape(r, *self.weight_shape[1:])

@@ -277,3 +277,25 @@ def test_tuned_methods_tune_the_grid_of_their_base_method_on_the_recorded_calibr
     assert quantizers.main(args) == 0
     with pytest.raises(SystemExit, match="no setting"):
         quantizers.main(parser.parse_args(["quantizers", "--compare", "gptq,awq", "--compare-json", str(path)]))
+
+
+def test_a_tuned_method_after_its_base_tunes_a_copy_of_it_and_best_is_the_tuned_default():
+    from qcorrect.quant.tune import TuneConfig
+
+    tune = TuneConfig(iterations=10, lr=1e-3)
+    alone = quantizers.run(["W4A16"], ["rtn", "gptq_tuned"], ["euler"], [3.0], SEEDS, CALIB, CLASSES, tune=tune, **SMALL)
+    after = quantizers.run(["W4A16"], ["rtn", "gptq", "gptq_tuned"], ["euler"], [3.0], SEEDS, CALIB, CLASSES, tune=tune, **SMALL)
+    a = alone["rows"][1]
+    base, b = after["rows"][1:]
+    # the same model whether its base is solved again or copied (the base row itself stays untuned)
+    assert b["per_sample_latent_mse"] == a["per_sample_latent_mse"]
+    assert b["tuning"]["hold_loss_after"] == a["tuning"]["hold_loss_after"]
+    assert "tuning" not in base and base["latent_mse"] != b["latent_mse"]
+    assert b["calib_seconds"] >= base["calib_seconds"]  # the copied base's solve is counted in
+    # ``best`` is the tuned budgeted GPTQ: a tuning report, the budget's bytes
+    assert quantizers.BEST in quantizers.TUNED and quantizers.resolve_method("best") == quantizers.BEST
+    res = quantizers.run(["W4A16"], ["rtn", "gptq_budget", "best"], ["euler"], [3.0], SEEDS, CALIB, CLASSES, tune=tune,
+                         budget=0.33, **SMALL)
+    budget, best = res["rows"][1:]
+    assert "tuning" in best and "tuning" not in budget and res["best"] == quantizers.BEST
+    assert best["bytes_ratio"] == budget["bytes_ratio"]

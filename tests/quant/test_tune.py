@@ -115,3 +115,55 @@ def test_activation_fake_quantization_is_unchanged_without_autograd_and_straight
     assert torch.equal(xg.grad, torch.ones_like(x))
     with torch.no_grad():
         assert torch.equal(fake_quantize(xg, lo, hi, 4, False), plain)
+
+
+@pytest.mark.parametrize("kind,wtype", [
+    ("linear", "uint4_g64"), ("linear", "int4_g32"), ("linear", "int8"),
+    ("conv", "uint4_g64"), ("conv_same", "uint4_g64"), ("conv_strided", "int8"),
+])
+def test_the_memory_lean_grid_op_has_plain_autograds_output_and_gradients(kind, wtype):
+    """``_GridOp`` rebuilds each weight in the backward pass instead of saving it; its output and the
+    gradients for the input and for the grid (scale multipliers, zero offsets) must be plain autograd's."""
+    from torch import nn
+
+    from qcorrect.quant.activations import ActQuantizer
+    from qcorrect.quant.modules import QuantConv2d, QuantLinear
+    from qcorrect.quant.tune import _Grid
+
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = QuantLinear.from_float(nn.Linear(128, 24), wtype, ActQuantizer(None, "none", None, "l"), "l")
+        x = torch.randn(3, 5, 128)
+    else:
+        conv = {"conv": nn.Conv2d(64, 8, 3, padding=1), "conv_same": nn.Conv2d(64, 8, 3, padding="same"),
+                "conv_strided": nn.Conv2d(64, 8, 3, stride=2, padding=(1, 0))}[kind]
+        layer = QuantConv2d.from_float(conv, wtype, ActQuantizer(None, "none", None, "c"), "c")
+        x = torch.randn(2, 64, 9, 9)
+    grid = _Grid(layer)
+    with torch.no_grad():  # a grid away from its start, so every term of the gradient matters
+        for p in grid.params():
+            p.uniform_(-0.2, 0.2)
+    target = torch.randn_like(layer(x))
+
+    def grads(use_op):
+        xg = x.clone().requires_grad_()
+        for p in grid.params():
+            p.grad = None
+        layer.grid_op = grid.op if use_op else None
+        if use_op:
+            y = layer(xg)
+        else:
+            b = None if layer.bias is None else layer.bias.float()
+            y = layer._op(layer.act(xg), grid.stored(), b)
+        layer.grid_op = None
+        ((y - target) ** 2).sum().backward()
+        return y.detach(), xg.grad, [p.grad.clone() for p in grid.params()]
+
+    y0, gx0, gp0 = grads(False)
+    y1, gx1, gp1 = grads(True)
+    assert len(gp1) == (1 if wtype.startswith("int") else 2)
+    torch.testing.assert_close(y1, y0)
+    torch.testing.assert_close(gx1, gx0)
+    for a, b in zip(gp1, gp0):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
