@@ -134,7 +134,7 @@ def tune_model(out, positive, negative, latent_image, seed, sigmas, cfg, calls: 
         guider = comfy.samplers.CFGGuider(out)
         guider.set_conds(pos, neg)
         guider.set_cfg(cfg)
-        total = config.iterations + 2 * (len(fit) + (len(hold) or len(fit)))
+        total = config.iterations + 2 * (len(hold) or len(fit))  # the held-out loss before and after
         run = GuidedRun(job, noise, latents, total)
         guider.sample(noise, latents, run, sigmas.clone(), disable_pbar=True, seed=int(seed))
     return run.result
