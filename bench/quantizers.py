@@ -689,7 +689,8 @@ def main(args) -> int:
               calib_sets=args.calib_sets,
               amplitudes=[float(a) for a in args.amplitudes.split(",") if a.strip()] if args.amplitudes else (),
               own_error=args.own_error, guided=args.guided,
-              tune=TuneConfig(iterations=args.tune_iters, lr=args.tune_lr, early_weight=args.step_weight))
+              tune=TuneConfig(iterations=args.tune_iters, lr=args.tune_lr, early_weight=args.step_weight,
+                              batch=args.tune_batch))
     print_result(res)
     if args.json:
         emit_json(res)
@@ -737,6 +738,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tune-iters", type=int, default=TuneConfig.iterations,
                    help="iterations of the *_tuned methods' grid tuning (one recorded calibration call each)")
     p.add_argument("--tune-lr", type=float, default=TuneConfig.lr, help="learning rate of the grid tuning")
+    p.add_argument("--tune-batch", type=int, default=TuneConfig.batch,
+                   help="samples of a recorded call each tuning iteration uses (random, seeded; 0 = all of it)")
     p.add_argument("--compare", default=None, metavar="A,B",
                    help="instead of running: compare method B with method A sample by sample in saved --json outputs")
     p.add_argument("--compare-json", nargs="+", default=[], metavar="FILE",

@@ -26,7 +26,8 @@ similar parameters block by block or with LoRA; here the whole denoiser is the b
   trajectory receives; on the reference model this lowered the early one-step error more than an
   ε-space loss (``δD/σ``) did, which favours the late steps (development seeds only).
 * **Optimiser**: Adam, learning rate ``lr`` decayed to zero on a cosine over ``iterations``; every
-  iteration is one recorded call (one micro-batch at one σ), in a seeded random order.
+  iteration is one recorded call (one micro-batch at one σ), in a seeded random order; with ``batch``
+  > 0 only that many of the call's samples, drawn at random (seeded), which makes a step cheaper.
 * **Activations**: the layers' fake quantizers pass gradients straight through (``activations.fake_quantize``
   does so only while autograd records, so sampling is unchanged bit for bit).
 * **Memory**: no float copy of any weight outlives its layer's forward or backward step (:class:`_GridOp`
@@ -62,6 +63,7 @@ class TuneConfig:
     early_sigma: float = 3.0
     fallback: bool = True
     seed: int = 0
+    batch: int = 0
 
     def validate(self) -> "TuneConfig":
         if self.iterations < 1:
@@ -70,6 +72,8 @@ class TuneConfig:
             raise QuantizationError(f"the tuning learning rate must be positive, got {self.lr!r}")
         if not self.early_weight > 0:
             raise QuantizationError(f"the early-step weight must be positive, got {self.early_weight!r}")
+        if self.batch < 0:
+            raise QuantizationError(f"the tuning batch must be 0 (whole recorded calls) or positive, got {self.batch!r}")
         return self
 
 
@@ -186,6 +190,22 @@ def _tuning_scope(module: nn.Module, grids: list[_Grid]):
             p.requires_grad_(f)
 
 
+def _subsample(call, batch: int, gen: torch.Generator):
+    """``batch`` random samples of a recorded call (all of it when ``batch`` is 0 or not smaller): ``x``,
+    the target, ``sigma`` if it is per sample and every tensor of ``extra`` whose first dimension is the
+    call's batch are indexed alike; anything else (a scalar σ, the CFG scale, conditioning a guider
+    broadcasts to the batch of ``x``) is passed as it is."""
+    x, sigma, extra, target = call
+    n = int(x.shape[0])
+    if not batch or batch >= n:
+        return call
+    idx = torch.randperm(n, generator=gen)[:batch].sort().values
+
+    def take(v):
+        return v[idx.to(v.device)] if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == n else v
+    return take(x), take(sigma), {k: take(v) for k, v in extra.items()}, take(target)
+
+
 def _call_loss(denoiser, call, cfg: TuneConfig) -> torch.Tensor:
     x, sigma, extra, target = call
     out = denoiser(x, sigma, **extra)
@@ -241,7 +261,7 @@ def tune_grid(denoiser, module: nn.Module, fit_calls: list, hold_calls: list, co
                 order = torch.randperm(len(fit_calls), generator=gen).tolist()
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * it / cfg.iterations))
-            loss = _call_loss(denoiser, fit_calls[order.pop()], cfg)
+            loss = _call_loss(denoiser, _subsample(fit_calls[order.pop()], cfg.batch, gen), cfg)
             losses.append(float(loss.detach()))
             if not torch.isfinite(loss):
                 note = f"non-finite loss at iteration {it + 1}; the grid was restored"
@@ -264,7 +284,7 @@ def tune_grid(denoiser, module: nn.Module, fit_calls: list, hold_calls: list, co
             m.weight = w
         if note is None:
             note = (f"held-out loss {after_hold:.4g} ≥ {before_hold:.4g} before tuning; the grid was restored")
-    report = {"kept": kept, "iterations": cfg.iterations, "layers": len(layers), "lr": cfg.lr,
+    report = {"kept": kept, "iterations": cfg.iterations, "batch": cfg.batch, "layers": len(layers), "lr": cfg.lr,
               "train_loss_first": sum(losses[:tenth]) / tenth, "train_loss_last": sum(losses[-tenth:]) / tenth,
               "hold_loss_before": before_hold, "hold_loss_after": after_hold,
               "seconds": round(time.perf_counter() - t0, 2)}

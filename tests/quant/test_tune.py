@@ -8,7 +8,7 @@ import torch
 from qcorrect.quant import QuantizationError, SigmaScopedDenoiser, quantize_model
 from qcorrect.quant.activations import fake_quantize
 from qcorrect.quant.modules import QUANT_LAYERS
-from qcorrect.quant.tune import TuneConfig, calls_loss, tune_grid
+from qcorrect.quant.tune import TuneConfig, _subsample, calls_loss, tune_grid
 from qcorrect.quant.weights import decode_blob
 
 from .toy import make_toy
@@ -102,6 +102,39 @@ def test_bad_inputs_are_refused_with_clear_errors():
         tune_grid(qd, q.net, calls(fp, 2, 1), [])
     with pytest.raises(QuantizationError, match="iteration"):
         TuneConfig(iterations=0).validate()
+    with pytest.raises(QuantizationError, match="batch"):
+        TuneConfig(batch=-1).validate()
+
+
+def test_a_sub_sampled_call_keeps_each_sample_with_its_own_sigma_conditioning_and_target():
+    n = 6
+    x = torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1).expand(n, 2, 3, 3).clone()
+    sigma = torch.arange(n, dtype=torch.float32) + 10
+    extra = {"cond": torch.arange(n) + 100, "cfg_scale": 3.0, "shared": torch.ones(2, 5)}
+    call = (x, sigma, extra, -x)
+    got = _subsample(call, 4, torch.Generator().manual_seed(0))
+    gx, gs, ge, gt = got
+    picked = gx[:, 0, 0, 0].long()
+    assert len(picked) == 4 and len(set(picked.tolist())) == 4 and torch.equal(picked, picked.sort().values)
+    assert torch.equal(gs, sigma[picked]) and torch.equal(ge["cond"], extra["cond"][picked])
+    assert torch.equal(gt, -x[picked]) and ge["cfg_scale"] == 3.0 and ge["shared"] is extra["shared"]
+    assert _subsample(call, 0, torch.Generator()) is call and _subsample(call, n, torch.Generator()) is call
+    scalar = (x, torch.tensor(2.0), {}, x)
+    assert _subsample(scalar, 2, torch.Generator().manual_seed(1))[1].ndim == 0
+
+
+def test_tuning_on_sub_sampled_calls_still_lowers_the_held_out_loss_and_is_seeded():
+    fp, q, qd = quantized()
+    fit, hold = calls(fp, 24, 1), calls(fp, 8, 2)
+    copies = [copy.deepcopy(q) for _ in range(2)]
+    cfg = TuneConfig(iterations=60, lr=3e-3, batch=2)
+    rep = tune_grid(qd, q.net, fit, hold, cfg)
+    assert rep["kept"] and rep["batch"] == 2 and rep["hold_loss_after"] < 0.97 * rep["hold_loss_before"]
+    again = tune_grid(SigmaScopedDenoiser(copies[0], copies[0].net), copies[0].net, fit, hold, cfg)
+    assert again["hold_loss_after"] == rep["hold_loss_after"]  # same seed: same draws, same grid
+    whole = tune_grid(SigmaScopedDenoiser(copies[1], copies[1].net), copies[1].net, fit, hold,
+                      TuneConfig(iterations=60, lr=3e-3))
+    assert whole["hold_loss_after"] != rep["hold_loss_after"]  # the batch option does act on the steps
 
 
 def test_activation_fake_quantization_is_unchanged_without_autograd_and_straight_through_with_it():
