@@ -54,7 +54,7 @@ from ..quant import PRESETS, SigmaScopedDenoiser, quantize_model, resolve_plan
 from ..quant.budget import RANK_STEP, layer_bytes
 from ..quant.calibrated import CalibratedConfig, quantize_calibrated
 from ..quant.modules import QUANT_LAYERS
-from ..quant.tune import TuneConfig, tune_grid
+from ..quant.tune import DRAWS, TuneConfig, tune_grid
 from ..reference.model import load_reference
 from ..reference.samplers import SAMPLERS
 from ..reference.schedules import get_sigmas
@@ -690,7 +690,7 @@ def main(args) -> int:
               amplitudes=[float(a) for a in args.amplitudes.split(",") if a.strip()] if args.amplitudes else (),
               own_error=args.own_error, guided=args.guided,
               tune=TuneConfig(iterations=args.tune_iters, lr=args.tune_lr, early_weight=args.step_weight,
-                              batch=args.tune_batch))
+                              batch=args.tune_batch, draw=args.tune_draw))
     print_result(res)
     if args.json:
         emit_json(res)
@@ -738,6 +738,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tune-iters", type=int, default=TuneConfig.iterations,
                    help="iterations of the *_tuned methods' grid tuning (one recorded calibration call each)")
     p.add_argument("--tune-lr", type=float, default=TuneConfig.lr, help="learning rate of the grid tuning")
+    p.add_argument("--tune-draw", default=TuneConfig.draw, choices=DRAWS,
+                   help="how tuning iterations pick their recorded call: uniform (each call once per pass) or "
+                        "weighted (drawn in proportion to the step weight)")
     p.add_argument("--tune-batch", type=int, default=TuneConfig.batch,
                    help="samples of a recorded call each tuning iteration uses (random, seeded; 0 = all of it)")
     p.add_argument("--compare", default=None, metavar="A,B",

@@ -26,8 +26,10 @@ similar parameters block by block or with LoRA; here the whole denoiser is the b
   trajectory receives; on the reference model this lowered the early one-step error more than an
   ε-space loss (``δD/σ``) did, which favours the late steps (development seeds only).
 * **Optimiser**: Adam, learning rate ``lr`` decayed to zero on a cosine over ``iterations``; every
-  iteration is one recorded call (one micro-batch at one σ), in a seeded random order; with ``batch``
-  > 0 only that many of the call's samples, drawn at random (seeded), which makes a step cheaper.
+  iteration is one recorded call (one micro-batch at one σ), in a seeded random order (``draw``:
+  ``uniform``, every call once per pass; ``weighted``, drawn ∝ ``w(σ)``, see :func:`_weighted_draws`);
+  with ``batch`` > 0 only that many of the call's samples, drawn at random (seeded), which makes a
+  step cheaper.
 * **Activations**: the layers' fake quantizers pass gradients straight through (``activations.fake_quantize``
   does so only while autograd records, so sampling is unchanged bit for bit).
 * **Memory**: no float copy of any weight outlives its layer's forward or backward step (:class:`_GridOp`
@@ -55,6 +57,10 @@ from .modules import QUANT_LAYERS
 from .weights import _group, decode_blob, unpack_int4
 
 
+#: how the iterations pick their recorded call (see :func:`_draw_order`)
+DRAWS = ("uniform", "weighted")
+
+
 @dataclass(frozen=True)
 class TuneConfig:
     iterations: int = 200
@@ -64,6 +70,7 @@ class TuneConfig:
     fallback: bool = True
     seed: int = 0
     batch: int = 0
+    draw: str = "uniform"
 
     def validate(self) -> "TuneConfig":
         if self.iterations < 1:
@@ -72,6 +79,8 @@ class TuneConfig:
             raise QuantizationError(f"the tuning learning rate must be positive, got {self.lr!r}")
         if not self.early_weight > 0:
             raise QuantizationError(f"the early-step weight must be positive, got {self.early_weight!r}")
+        if self.draw not in DRAWS:
+            raise QuantizationError(f"unknown tuning draw {self.draw!r}; known: {DRAWS}")
         if self.batch < 0:
             raise QuantizationError(f"the tuning batch must be 0 (whole recorded calls) or positive, got {self.batch!r}")
         return self
@@ -206,12 +215,29 @@ def _subsample(call, batch: int, gen: torch.Generator):
     return take(x), take(sigma), {k: take(v) for k, v in extra.items()}, take(target)
 
 
-def _call_loss(denoiser, call, cfg: TuneConfig) -> torch.Tensor:
+def _call_weight(call, cfg: TuneConfig) -> float:
+    return cfg.early_weight if float(call[1].reshape(-1)[0]) >= cfg.early_sigma else 1.0
+
+
+def _call_loss(denoiser, call, cfg: TuneConfig, weight: float | None = None) -> torch.Tensor:
     x, sigma, extra, target = call
     out = denoiser(x, sigma, **extra)
-    s = float(sigma.reshape(-1)[0])
-    w = cfg.early_weight if s >= cfg.early_sigma else 1.0
+    w = _call_weight(call, cfg) if weight is None else weight
     return w * (out.float() - target.float()).pow(2).mean()
+
+
+def _weighted_draws(calls: list, cfg: TuneConfig, gen: torch.Generator) -> tuple[list[int], float]:
+    """``draw="weighted"``: the call of every iteration, drawn (seeded, with replacement) with
+    probability ∝ ``w(σ)``, and the weight each drawn loss gets, the mean weight ``w̄`` — the same
+    objective in expectation as ``uniform`` (``E[w̄·Lᵢ] = Σ wᵢ·Lᵢ / N``).
+
+    Why it is not the same in effect: Adam divides each update by a running RMS of the gradient, so a
+    loss weighted 4× moves the grid hardly more per step than one weighted 1×. ``uniform`` (every call
+    once per pass, in a fresh seeded permutation) gives the early calls their share of the *steps* — 7
+    of 20 on the default schedule — whatever their weight; ``weighted`` spends the steps themselves in
+    proportion to ``w(σ)`` (28 of 41 there at ``early_weight`` 4)."""
+    w = torch.tensor([_call_weight(c, cfg) for c in calls], dtype=torch.float64)
+    return torch.multinomial(w, cfg.iterations, replacement=True, generator=gen).tolist(), float(w.mean())
 
 
 @torch.no_grad()
@@ -253,15 +279,17 @@ def tune_grid(denoiser, module: nn.Module, fit_calls: list, hold_calls: list, co
     opt = torch.optim.Adam(params, lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
+    draws, mean_w = _weighted_draws(fit_calls, cfg, gen) if cfg.draw == "weighted" else (None, None)
     losses: list[float] = []
     note = None
     with _tuning_scope(module, grids), torch.enable_grad():
         for it in range(cfg.iterations):
-            if not order:
+            if draws is None and not order:
                 order = torch.randperm(len(fit_calls), generator=gen).tolist()
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * it / cfg.iterations))
-            loss = _call_loss(denoiser, _subsample(fit_calls[order.pop()], cfg.batch, gen), cfg)
+            call = fit_calls[order.pop() if draws is None else draws[it]]
+            loss = _call_loss(denoiser, _subsample(call, cfg.batch, gen), cfg, mean_w)
             losses.append(float(loss.detach()))
             if not torch.isfinite(loss):
                 note = f"non-finite loss at iteration {it + 1}; the grid was restored"
@@ -284,7 +312,7 @@ def tune_grid(denoiser, module: nn.Module, fit_calls: list, hold_calls: list, co
             m.weight = w
         if note is None:
             note = (f"held-out loss {after_hold:.4g} ≥ {before_hold:.4g} before tuning; the grid was restored")
-    report = {"kept": kept, "iterations": cfg.iterations, "batch": cfg.batch, "layers": len(layers), "lr": cfg.lr,
+    report = {"kept": kept, "iterations": cfg.iterations, "batch": cfg.batch, "draw": cfg.draw, "layers": len(layers), "lr": cfg.lr,
               "train_loss_first": sum(losses[:tenth]) / tenth, "train_loss_last": sum(losses[-tenth:]) / tenth,
               "hold_loss_before": before_hold, "hold_loss_after": after_hold,
               "seconds": round(time.perf_counter() - t0, 2)}

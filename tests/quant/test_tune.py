@@ -8,7 +8,7 @@ import torch
 from qcorrect.quant import QuantizationError, SigmaScopedDenoiser, quantize_model
 from qcorrect.quant.activations import fake_quantize
 from qcorrect.quant.modules import QUANT_LAYERS
-from qcorrect.quant.tune import TuneConfig, _subsample, calls_loss, tune_grid
+from qcorrect.quant.tune import TuneConfig, _subsample, _weighted_draws, calls_loss, tune_grid
 from qcorrect.quant.weights import decode_blob
 
 from .toy import make_toy
@@ -104,6 +104,8 @@ def test_bad_inputs_are_refused_with_clear_errors():
         TuneConfig(iterations=0).validate()
     with pytest.raises(QuantizationError, match="batch"):
         TuneConfig(batch=-1).validate()
+    with pytest.raises(QuantizationError, match="draw"):
+        TuneConfig(draw="importance").validate()
 
 
 def test_a_sub_sampled_call_keeps_each_sample_with_its_own_sigma_conditioning_and_target():
@@ -137,6 +139,34 @@ def test_tuning_on_sub_sampled_calls_still_lowers_the_held_out_loss_and_is_seede
     assert whole["hold_loss_after"] != rep["hold_loss_after"]  # the batch option does act on the steps
 
 
+def test_weighted_draws_spend_the_steps_in_proportion_to_the_step_weight_at_the_same_expected_loss():
+    # 3 early calls (σ ≥ 3) of 10, weight 4: early share of the draws 12/19, each loss weighted by w̄ = 1.9
+    recorded = [(None, torch.full((2,), s), {}, None) for s in [8.0, 5.0, 3.0] + [1.0] * 7]
+    cfg = TuneConfig(iterations=20000, early_weight=4.0, early_sigma=3.0, draw="weighted")
+    order, w = _weighted_draws(recorded, cfg, torch.Generator().manual_seed(0))
+    assert len(order) == cfg.iterations and w == pytest.approx(1.9)
+    early = sum(i < 3 for i in order) / len(order)
+    assert early == pytest.approx(12 / 19, abs=0.01)
+    counts = torch.bincount(torch.tensor(order), minlength=10).double() / len(order)
+    assert counts[:3].min() > 3 * counts[3:].max()  # each early call 4× as often as each late one
+    # the expected weighted loss equals uniform's Σ wᵢ·Lᵢ / N for any per-call losses
+    losses = torch.rand(10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    uniform = float((torch.tensor([4.0] * 3 + [1.0] * 7, dtype=torch.float64) * losses).mean())
+    assert w * float((counts * losses).sum()) == pytest.approx(uniform, rel=0.02)
+    again, _ = _weighted_draws(recorded, cfg, torch.Generator().manual_seed(0))
+    assert again == order  # seeded
+
+
+def test_tuning_with_weighted_draws_lowers_the_held_out_loss_and_differs_from_uniform():
+    fp, q, qd = quantized()
+    fit, hold = calls(fp, 24, 1), calls(fp, 8, 2)
+    other = copy.deepcopy(q)
+    rep = tune_grid(qd, q.net, fit, hold, TuneConfig(iterations=60, lr=3e-3, draw="weighted"))
+    assert rep["kept"] and rep["draw"] == "weighted" and rep["hold_loss_after"] < 0.95 * rep["hold_loss_before"]
+    uni = tune_grid(SigmaScopedDenoiser(other, other.net), other.net, fit, hold, TuneConfig(iterations=60, lr=3e-3))
+    assert uni["draw"] == "uniform" and uni["hold_loss_after"] != rep["hold_loss_after"]
+
+
 def test_activation_fake_quantization_is_unchanged_without_autograd_and_straight_through_with_it():
     x = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     lo, hi = x.amin(), x.amax()
@@ -148,6 +178,12 @@ def test_activation_fake_quantization_is_unchanged_without_autograd_and_straight
     assert torch.equal(xg.grad, torch.ones_like(x))
     with torch.no_grad():
         assert torch.equal(fake_quantize(xg, lo, hi, 4, False), plain)
+    # a dynamic range taken from x itself passes no gradient either: the estimator is the identity
+    xd = x.clone().requires_grad_(True)
+    yd = fake_quantize(xd, xd.amin(), xd.amax(), 4, False)
+    assert torch.equal(yd.detach(), plain)
+    (yd * torch.arange(150.0).reshape(3, 50)).sum().backward()
+    assert torch.equal(xd.grad, torch.arange(150.0).reshape(3, 50))
 
 
 @pytest.mark.parametrize("kind,wtype", [
