@@ -57,7 +57,7 @@ from .modules import QUANT_LAYERS
 from .weights import _group, decode_blob, unpack_int4
 
 
-#: how the iterations pick their recorded call (see :func:`_draw_order`)
+#: how the iterations pick their recorded call (see :func:`_weighted_draws`)
 DRAWS = ("uniform", "weighted")
 
 
@@ -70,7 +70,7 @@ class TuneConfig:
     fallback: bool = True
     seed: int = 0
     batch: int = 0
-    draw: str = "uniform"
+    draw: str = "weighted"
 
     def validate(self) -> "TuneConfig":
         if self.iterations < 1:
