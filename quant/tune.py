@@ -70,7 +70,7 @@ class TuneConfig:
     fallback: bool = True
     seed: int = 0
     batch: int = 0
-    draw: str = "weighted"
+    draw: str = "uniform"
 
     def validate(self) -> "TuneConfig":
         if self.iterations < 1:

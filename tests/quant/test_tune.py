@@ -157,14 +157,13 @@ def test_weighted_draws_spend_the_steps_in_proportion_to_the_step_weight_at_the_
     assert again == order  # seeded
 
 
-def test_tuning_with_weighted_draws_the_default_lowers_the_held_out_loss_and_differs_from_uniform():
+def test_tuning_with_weighted_draws_lowers_the_held_out_loss_and_differs_from_uniform_the_default():
     fp, q, qd = quantized()
     fit, hold = calls(fp, 24, 1), calls(fp, 8, 2)
     other = copy.deepcopy(q)
-    rep = tune_grid(qd, q.net, fit, hold, TuneConfig(iterations=60, lr=3e-3))
+    rep = tune_grid(qd, q.net, fit, hold, TuneConfig(iterations=60, lr=3e-3, draw="weighted"))
     assert rep["kept"] and rep["draw"] == "weighted" and rep["hold_loss_after"] < 0.95 * rep["hold_loss_before"]
-    uni = tune_grid(SigmaScopedDenoiser(other, other.net), other.net, fit, hold,
-                    TuneConfig(iterations=60, lr=3e-3, draw="uniform"))
+    uni = tune_grid(SigmaScopedDenoiser(other, other.net), other.net, fit, hold, TuneConfig(iterations=60, lr=3e-3))
     assert uni["draw"] == "uniform" and uni["hold_loss_after"] != rep["hold_loss_after"]
 
 
