@@ -235,7 +235,9 @@ def _weighted_draws(calls: list, cfg: TuneConfig, gen: torch.Generator) -> tuple
     loss weighted 4× moves the grid hardly more per step than one weighted 1×. ``uniform`` (every call
     once per pass, in a fresh seeded permutation) gives the early calls their share of the *steps* — 7
     of 20 on the default schedule — whatever their weight; ``weighted`` spends the steps themselves in
-    proportion to ``w(σ)`` (28 of 41 there at ``early_weight`` 4)."""
+    proportion to ``w(σ)`` (28 of 41 there at ``early_weight`` 4). Measured on the reference model
+    (docs/BENCHMARKS.md, session 8): no gain in the mean on development or evaluation seeds, so it
+    is an option, not the default."""
     w = torch.tensor([_call_weight(c, cfg) for c in calls], dtype=torch.float64)
     return torch.multinomial(w, cfg.iterations, replacement=True, generator=gen).tolist(), float(w.mean())
 
