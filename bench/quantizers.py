@@ -51,6 +51,7 @@ from ..calibration.inputs import (
 )
 from ..evaluation import paired_bootstrap_ci
 from ..quant import PRESETS, SigmaScopedDenoiser, quantize_model, resolve_plan
+from ..quant.activations import ACT_RANGES
 from ..quant.budget import RANK_STEP, layer_bytes
 from ..quant.calibrated import CalibratedConfig, quantize_calibrated
 from ..quant.modules import QUANT_LAYERS
@@ -399,7 +400,7 @@ def _fp16_ref_bytes(unet) -> int:
 def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20, scheduler="normal", budget=0.30,
         step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False, rows_per_k=DEFAULT_ROWS_PER_K,
         budget_extra=None, corrections=(), correct_on=("best",), damp=None, calib_sets=1, amplitudes=(),
-        own_error=False, guided=False, tune=None):
+        own_error=False, guided=False, tune=None, act_ranges=None):
     """``budget``: the budgeted methods' cap, × each model's fp16 bytes; with ``budget_extra`` the cap is
     instead each model's round-to-nearest ratio plus that much (the same headroom on the reference
     model and on the SD1.5-shaped UNet, whose fixed 16-bit share differs tenfold). ``corrections``:
@@ -411,12 +412,16 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
     equally made quantizers lie apart, sample by sample. ``amplitudes``: after each preset's
     round-to-nearest row, analysis rows ``rtn×a`` with its weight error scaled by ``a``. ``own_error``:
     every row also gets ``own_early_error``, the early one-step error against FP on the states of the
-    model's *own* trajectory (FP runs on them alongside; sampling costs about a third more)."""
+    model's *own* trajectory (FP runs on them alongside; sampling costs about a third more). ``act_ranges``: the
+    presets' dynamic activation ranges, ``per_latent`` or ``per_sample`` (``None``: the presets' own,
+    ``per_latent`` since session 9; ``per_sample`` reproduces the rows measured before)."""
     if calib_sets < 1:
         raise SystemExit("--calib-sets must be at least 1")
     all_calib = [s + k * len(calib_seeds) for k in range(calib_sets) for s in calib_seeds]
     check_disjoint(all_calib, seeds)
     ref = load_reference()
+    plans = {p: PRESETS[p] if act_ranges is None else replace(PRESETS[p], act_ranges=act_ranges).validate()
+             for p in presets}
     grid = ref.denoiser.sigmas
     labels = labels_for(seeds, classes)
     fp16_ref = _fp16_ref_bytes(ref.unet)
@@ -474,7 +479,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                             t1 -= base_solve
                         elif mcfg is None:
                             qd = copy.deepcopy(ref.denoiser)
-                            quantize_model(qd.unet, preset)
+                            quantize_model(qd.unet, plans[preset])
                         else:
                             qd = copy.deepcopy(ref.denoiser)
                             probe = None
@@ -483,7 +488,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                                     probe_set = probe_calls(SAMPLERS[sampler], x0, sigmas, extra, samples=PROBE_SAMPLES,
                                                             noise_sampler_factory=factory, denoiser=ref.denoiser)
                                 probe = layer_probe(qd, qd.unet, probe_set, weight)
-                            report = quantize_calibrated(qd.unet, preset, col["layers"], mcfg, sensitivity=probe)
+                            report = quantize_calibrated(qd.unet, plans[preset], col["layers"], mcfg, sensitivity=probe)
                         if keep_bases and name not in TUNED and made is None:
                             solved[(preset, name)] = (copy.deepcopy(qd), report, time.perf_counter() - t1)
                         qden = SigmaScopedDenoiser(qd, qd.unet)
@@ -555,6 +560,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
     res = {"amplitudes": list(amplitudes), "early_sigma": EARLY_SIGMA, "steps": steps, "scheduler": scheduler, "corrections": list(corrections), "n": len(seeds), "seeds": _span(seeds),
            "calib_seeds": _span(calib_seeds), "classes": classes, "budget": budget, "budget_extra": budget_extra,
            "step_weight": step_weight, "guided_stats": bool(guided),
+           "act_ranges": {p: plan.act_ranges for p, plan in plans.items()},
            "outlier_ratio": outlier_ratio, "rows_per_k": rows_per_k, "best": BEST, "collections": collections, "rows": rows,
            "set_comparisons": set_comparisons, "damp": damp, "calib_sets": calib_sets,
            "sd15": {f"{p}/{m}": v for (p, m), v in sd15.items()}, "sd15_stats": sd15_stats_memory()}
@@ -688,7 +694,7 @@ def main(args) -> int:
               correct_on=tuple(m.strip() for m in args.correct_on.split(",")), damp=args.damp,
               calib_sets=args.calib_sets,
               amplitudes=[float(a) for a in args.amplitudes.split(",") if a.strip()] if args.amplitudes else (),
-              own_error=args.own_error, guided=args.guided,
+              own_error=args.own_error, guided=args.guided, act_ranges=args.act_ranges,
               tune=TuneConfig(iterations=args.tune_iters, lr=args.tune_lr, early_weight=args.step_weight,
                               batch=args.tune_batch, draw=args.tune_draw))
     print_result(res)
@@ -735,6 +741,9 @@ def add_parser(sub) -> None:
                    help="also measure each model's early one-step error against FP on its own trajectory's states")
     p.add_argument("--guided", action="store_true",
                    help="guided input statistics: CFG calls enter GPTQ's H as (1 − s)·x_uncond + s·x_cond")
+    p.add_argument("--act-ranges", default=None, choices=ACT_RANGES,
+                   help="dynamic activation ranges: per_latent (the presets' default: a latent's CFG passes share "
+                        "one range) or per_sample (each sample its own; how rows before session 9 were measured)")
     p.add_argument("--tune-iters", type=int, default=TuneConfig.iterations,
                    help="iterations of the *_tuned methods' grid tuning (one recorded calibration call each)")
     p.add_argument("--tune-lr", type=float, default=TuneConfig.lr, help="learning rate of the grid tuning")

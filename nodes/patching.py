@@ -154,10 +154,24 @@ def _reset_load_state(base: nn.Module) -> None:
             setattr(base, k, v)
 
 
+def call_latents(x, args: tuple, kwargs: dict) -> int | None:
+    """How many distinct latents an APPLY_MODEL call's batch holds: ComfyUI's ``calc_cond_batch``
+    concatenates one chunk per batched conditioning (``transformer_options["cond_or_uncond"]``, e.g.
+    ``[0, 1]`` for cond and uncond), each chunk the whole latent batch. ``None`` where that is not
+    known (no list, or a batch it does not divide): the quantizers then keep per-sample ranges."""
+    options = args[3] if len(args) > 3 else kwargs.get("transformer_options")
+    chunks = options.get("cond_or_uncond") if isinstance(options, dict) else None
+    if not isinstance(chunks, (list, tuple)) or not chunks or not torch.is_tensor(x) or x.ndim == 0:
+        return None
+    batch = int(x.shape[0])
+    return batch // len(chunks) if batch % len(chunks) == 0 else None
+
+
 def sigma_wrapper(executor, x, t, *args, **kwargs):
-    """APPLY_MODEL wrapper: publish the call's σ to the quantizers of the model being run."""
+    """APPLY_MODEL wrapper: publish the call's σ, and how many distinct latents its batch carries, to
+    the quantizers of the model being run."""
     base = executor.class_obj
-    with sigma_scope(base.diffusion_model, t):
+    with sigma_scope(base.diffusion_model, t, latents=call_latents(x, args, kwargs)):
         return executor(x, t, *args, **kwargs)
 
 

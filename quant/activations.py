@@ -5,8 +5,19 @@ setting of Q-Diffusion and PTQD (ALGORITHMS.md §1). Modes:
 
 * ``none``: identity (weight-only presets).
 * ``dynamic``: the range is the current tensor's min/max, taken per sample (along dim 0), so a
-  sample quantizes the same whether it runs alone or batched with others (CFG's cond/uncond
-  halves, a benchmark's batch); "per tensor" means per image's activation tensor.
+  sample quantizes the same whether it runs alone or batched with other latents (a benchmark's
+  batch); "per tensor" means per image's activation tensor. With ``act_ranges="per_latent"`` (the
+  presets' default since session 9) the passes of one latent in one call — CFG's cond and uncond,
+  or several conds, which ComfyUI and the reference denoiser concatenate pass by pass — share one
+  range, the union of theirs (:func:`share_passes`). Why: guidance returns
+  ``uncond + s·(cond − uncond)``, so *independent* rounding errors of the two passes reach the
+  output amplified ``√(s² + (s − 1)²)``× (3.6× at CFG 3), while errors the passes share pass through
+  once. With one range, both passes round on the same grid, and where their activations agree their
+  rounding errors are the same numbers. Measured on the reference model (docs/BENCHMARKS.md,
+  session 9): at W4A8 CFG 3 it halves the one-step error the 8-bit activations alone make. It
+  needs the call's number of distinct latents (``QuantContext.latents``, published by
+  ``SigmaScopedDenoiser`` and by the ComfyUI wrapper); without it, or when a layer's batch is not
+  2–16 passes of those latents, every sample keeps its own range (``per_sample``).
 * ``static``: ranges calibrated per σ (see ``observers`` and ``calibration.ranges``) are looked up
   for the σ of the call: the nearest calibrated σ in log σ, which is how ranges calibrated on one
   schedule transfer to another step count or scheduler. Documented fallbacks: a σ outside the
@@ -32,6 +43,11 @@ from .errors import QuantizationError
 from .qtypes import ACT_MAX_BITS, ACT_MIN_BITS, ACTIVATION, QType, qtype
 
 MODES = ("none", "dynamic", "static")
+#: how dynamic ranges are shared: each sample its own, or the passes of one latent one
+ACT_RANGES = ("per_sample", "per_latent")
+#: the most passes of one latent a call is taken to carry (CFG: 2; several conds batched: a few);
+#: a layer whose batch is a larger multiple is not a stack of passes (e.g. tokens folded into it)
+MAX_PASSES = 16
 _EPS = 1e-8
 
 
@@ -87,6 +103,22 @@ def _per_sample_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lo.reshape(shape), hi.reshape(shape)
 
 
+def share_passes(lo: torch.Tensor, hi: torch.Tensor, latents: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ranges ``[B, 1, …]`` → one range per latent, the union over its passes.
+
+    The batch is taken as ``k`` passes of ``latents`` latents stacked pass by pass (sample ``i`` of
+    pass ``p`` at ``p·latents + i``, how ComfyUI's ``calc_cond_batch`` and the reference denoiser's
+    ``cat`` lay it out). Anything else — ``latents`` unknown, a batch that is not 2 to
+    :data:`MAX_PASSES` times ``latents``, a scalar range — is returned unchanged."""
+    b = lo.shape[0] if lo.ndim else 0
+    if not latents or not b or b % latents or not 2 <= b // latents <= MAX_PASSES:
+        return lo, hi
+    k, rest = b // latents, lo.shape[1:]
+    lo = lo.reshape(k, latents, *rest).amin(0, keepdim=True).expand(k, latents, *rest).reshape(lo.shape)
+    hi = hi.reshape(k, latents, *rest).amax(0, keepdim=True).expand(k, latents, *rest).reshape(hi.shape)
+    return lo, hi
+
+
 def _check_schedule(schedule: list, layer: str) -> list[tuple[float, float, int]]:
     clean = []
     for entry in schedule:
@@ -108,7 +140,11 @@ def _check_schedule(schedule: list, layer: str) -> list[tuple[float, float, int]
 
 
 class ActQuantizer(nn.Module):
-    """Per-tensor activation fake-quantizer; one per quantized layer input."""
+    """Per-tensor activation fake-quantizer; one per quantized layer input.
+
+    ``ranges`` (dynamic mode only): ``per_sample`` or ``per_latent`` (see the module docstring).
+    The constructor's default is ``per_sample``, how every quantizer behaved before ``per_latent``
+    existed; the presets ask for ``per_latent`` (``QuantPlan.act_ranges``)."""
 
     def __init__(
         self,
@@ -116,10 +152,14 @@ class ActQuantizer(nn.Module):
         mode: str = "dynamic",
         context: QuantContext | None = None,
         layer: str = "?",
+        ranges: str = "per_sample",
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise QuantizationError(f"layer {layer!r}: unknown activation mode {mode!r}; known: {MODES}")
+        if ranges not in ACT_RANGES:
+            raise QuantizationError(f"layer {layer!r}: unknown activation ranges {ranges!r}; known: {ACT_RANGES}")
+        self.ranges = ranges
         self.qtype = None if qt is None else qtype(qt)
         if self.qtype is not None and self.qtype.kind != ACTIVATION:
             raise QuantizationError(f"layer {layer!r}: {self.qtype.name!r} is not an activation type")
@@ -219,6 +259,8 @@ class ActQuantizer(nn.Module):
         sigma = self._sigma()
         if self.mode == "dynamic":
             lo, hi = _per_sample_range(x.detach())
+            if self.ranges == "per_latent" and self.context is not None:
+                lo, hi = share_passes(lo, hi, self.context.latents)
         else:
             lo, hi = self.static_range(sigma)
         return fake_quantize(x, lo, hi, self.current_bits(sigma), self.qtype.symmetric)
@@ -227,12 +269,14 @@ class ActQuantizer(nn.Module):
         return {
             "act": None if self.qtype is None else self.qtype.name,
             "act_mode": self.mode,
+            "act_ranges": self.ranges,
             "schedule": [list(e) for e in self.schedule],
             "static_points": int(len(self.range_sigmas)),
         }
 
     def extra_repr(self) -> str:
-        return f"{None if self.qtype is None else self.qtype.name}, mode={self.mode}"
+        extra = f", ranges={self.ranges}" if self.mode == "dynamic" else ""
+        return f"{None if self.qtype is None else self.qtype.name}, mode={self.mode}{extra}"
 
 
 def uncovered_sigmas(module: nn.Module, sigmas, rtol: float = 0.05) -> list[float]:

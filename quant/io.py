@@ -95,7 +95,8 @@ def read_plan(path: str) -> dict:
 
 
 def _rebuild(name: str, layer: nn.Module, spec: dict, context) -> nn.Module:
-    act = ActQuantizer(spec["act"], spec["act_mode"], context, name)
+    # a layer written before ``act_ranges`` existed quantized every sample with its own range
+    act = ActQuantizer(spec["act"], spec["act_mode"], context, name, spec.get("act_ranges", "per_sample"))
     if spec.get("schedule"):
         act.set_schedule([tuple(e) for e in spec["schedule"]])
     n = int(spec.get("static_points", 0))

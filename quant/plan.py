@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 
-from .activations import MODES, ActQuantizer
+from .activations import ACT_RANGES, MODES, ActQuantizer
 from .context import attach_context, get_context
 from .errors import QuantizationError
 from .modules import QUANT_LAYERS, QuantConv2d, QuantLinear
@@ -47,7 +47,11 @@ TIME_EMBED_PATTERNS = (
 
 @dataclass(frozen=True)
 class QuantPlan:
-    """What to quantize and how. Serialisable with :meth:`to_json` / :meth:`from_json`."""
+    """What to quantize and how. Serialisable with :meth:`to_json` / :meth:`from_json`.
+
+    ``act_ranges``: how dynamic activation ranges are taken, ``per_latent`` (the passes of one latent
+    in a CFG call share a range; the default) or ``per_sample`` (every sample its own: the behaviour
+    before session 9, and what a plan saved without the field means). See ``quant/activations.py``."""
 
     weights: str = "int8"
     activations: str | None = "a8_asym"
@@ -57,6 +61,7 @@ class QuantPlan:
     keep_first_last_conv: bool = True
     keep_patterns: tuple[str, ...] = TIME_EMBED_PATTERNS
     preset: str | None = None
+    act_ranges: str = "per_latent"
 
     def validate(self) -> "QuantPlan":
         weight_qtype(self.weights)
@@ -64,6 +69,8 @@ class QuantPlan:
             raise QuantizationError(f"{self.activations!r} is not an activation type")
         if self.act_mode not in MODES:
             raise QuantizationError(f"unknown activation mode {self.act_mode!r}; known: {MODES}")
+        if self.act_ranges not in ACT_RANGES:
+            raise QuantizationError(f"unknown activation ranges {self.act_ranges!r}; known: {ACT_RANGES}")
         if self.activations is None and self.act_mode != "none":
             raise QuantizationError(f"activation mode {self.act_mode!r} needs an activation type")
         return self
@@ -76,6 +83,7 @@ class QuantPlan:
         try:
             d = json.loads(text)
             d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+            d.setdefault("act_ranges", "per_sample")  # written before the field existed: per-sample ranges
             return cls(**d).validate()
         except (TypeError, ValueError) as exc:
             raise QuantizationError(f"not a valid quantization plan: {exc}") from None
@@ -142,7 +150,7 @@ def is_float_layer(m: nn.Module) -> bool:
 
 
 def resolve_plan(module: nn.Module, plan: QuantPlan | str | None = None) -> dict[str, dict]:
-    """Per-layer decisions: ``{name: {"type", "weight", "act", "act_mode", "fallback"}}``.
+    """Per-layer decisions: ``{name: {"type", "weight", "act", "act_mode", "act_ranges", "fallback"}}``.
 
     Kept layers get ``weight=None``; ``fallback`` is ``None`` unless the layer's input size made
     the plan pick another weight type (or keep it in 16-bit), in which case it says why.
@@ -162,6 +170,7 @@ def resolve_plan(module: nn.Module, plan: QuantPlan | str | None = None) -> dict
             "weight": weight,
             "act": None if weight is None else plan.activations,
             "act_mode": "none" if weight is None else plan.act_mode,
+            "act_ranges": plan.act_ranges,
             "fallback": note,
         }
     return decisions
@@ -199,7 +208,7 @@ def quantize_model(module: nn.Module, plan: QuantPlan | str | None = None) -> nn
             continue
         layer = module.get_submodule(name)
         # static layers refuse to run until an observer has stored their per-σ ranges
-        act = ActQuantizer(d["act"], d["act_mode"], context, name)
+        act = ActQuantizer(d["act"], d["act_mode"], context, name, d["act_ranges"])
         cls = QuantLinear if d["type"] == "linear" else QuantConv2d
         replacements[name] = cls.from_float(layer, d["weight"], act, name)
         replacements[name].fallback = d["fallback"]

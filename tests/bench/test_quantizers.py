@@ -299,3 +299,15 @@ def test_a_tuned_method_after_its_base_tunes_a_copy_of_it_and_best_is_the_tuned_
     budget, best = res["rows"][1:]
     assert "tuning" in best and "tuning" not in budget and res["best"] == quantizers.BEST
     assert best["bytes_ratio"] == budget["bytes_ratio"]
+
+
+def test_act_ranges_reach_the_models_and_only_change_guided_calls():
+    """``--act-ranges``: per_latent (the presets' default) and per_sample give the same samples at
+    CFG 1 (one pass per latent) and different ones at CFG 3, where a latent's two passes share ranges."""
+    def rtn(cfg, ranges):
+        res = quantizers.run(["W4A8"], ["rtn"], ["euler"], [cfg], SEEDS, CALIB[:4], CLASSES, act_ranges=ranges, **SMALL)
+        assert res["act_ranges"] == {"W4A8": ranges or "per_latent"}
+        return res["rows"][0]["per_sample_latent_mse"]
+
+    assert rtn(1.0, None) == rtn(1.0, "per_sample")
+    assert rtn(3.0, None) != rtn(3.0, "per_sample")

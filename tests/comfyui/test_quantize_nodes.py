@@ -58,6 +58,28 @@ def test_quantized_sampling_is_close_to_full_precision(fp, q4):
     assert mse(a, b) < 0.1 * float(a.double().pow(2).mean())
 
 
+def test_a_latents_cond_and_uncond_passes_share_activation_ranges_in_comfyuis_batches(fp, q4):
+    """ComfyUI batches the cond and uncond passes into one call; the σ wrapper tells the quantizers
+    how many distinct latents that call holds (``cond_or_uncond``), so each latent's passes share one
+    dynamic range; at CFG 1 (no uncond pass) every sample keeps its own."""
+    from qcorrect.quant import QuantConv2d
+
+    layer = next(m for m in q4.get_model_object("diffusion_model").modules() if isinstance(m, QuantConv2d))
+    assert layer.act.ranges == "per_latent"
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda m, args: seen.append((int(args[0].shape[0]), m.act.context.latents)))
+    try:
+        sample(q4, cfg=3.0, batch=2, steps=2)
+        guided = list(seen)
+        seen.clear()
+        sample(q4, cfg=1.0, batch=2, steps=2)
+    finally:
+        handle.remove()
+    assert guided and set(guided) == {(4, 2)}  # two latents, each run twice in one batch
+    assert seen and set(seen) == {(2, 2)}
+    assert layer.act.context.latents is None  # published for the call only
+
+
 def test_lora_before_and_after_quantize_both_apply(fp, q8):
     """W8A8 (the random test UNet amplifies 4-bit rounding of LoRA-sized weights chaotically)."""
     from qcorrect.nodes.quantize import QuantizeModel

@@ -102,3 +102,97 @@ def test_bad_modes_and_types():
         ActQuantizer("int8", "dynamic")
     with pytest.raises(QuantizationError, match="needs an activation type"):
         ActQuantizer(None, "dynamic")
+
+
+# ranges shared by the passes of one latent (CFG's cond and uncond in one batch) -----------------
+
+def _cfg_pair(n=3, seed=0):
+    """Two passes of ``n`` latents, stacked pass by pass: activations that agree to well below an
+    8-bit step almost everywhere, and ranges that differ (one element of the cond pass stands out)."""
+    g = torch.Generator().manual_seed(seed)
+    uncond = torch.randn(n, 4, 6, 6, generator=g)
+    cond = uncond + 1e-4 * torch.randn(n, 4, 6, 6, generator=g)
+    cond[:, 0, 0, 0] = cond.flatten(1).amax(1) + 0.5 + torch.rand(n, generator=g)
+    return uncond, cond
+
+
+def test_per_latent_ranges_are_the_union_over_the_passes_of_each_latent():
+    ctx = QuantContext()
+    q = ActQuantizer("a8_asym", "dynamic", ctx, "l", ranges="per_latent")
+    uncond, cond = _cfg_pair()
+    x = torch.cat([uncond, cond])
+    with sigma_scope_latents(q, ctx, 3):
+        y = q(x)
+    for i in range(3):
+        lo = torch.minimum(uncond[i].min(), cond[i].min())
+        hi = torch.maximum(uncond[i].max(), cond[i].max())
+        assert torch.equal(y[i], fake_quantize(uncond[i], lo, hi, 8, False))
+        assert torch.equal(y[3 + i], fake_quantize(cond[i], lo, hi, 8, False))
+    # the same layer outside such a call, or asked for per-sample ranges, quantizes each sample alone
+    alone = ActQuantizer("a8_asym", "dynamic", ctx, "l", ranges="per_sample")
+    with sigma_scope_latents(q, ctx, 3):
+        assert torch.equal(alone(x), torch.cat([alone(x[i:i + 1]) for i in range(6)]))
+    assert torch.equal(q(x), alone(x))  # context says nothing about the latents
+
+
+def sigma_scope_latents(q, ctx, latents):
+    """The σ scope of a module that owns ``ctx`` (what SigmaScopedDenoiser does for a quantized UNet)."""
+    from qcorrect.quant.context import CONTEXT_ATTR
+    holder = torch.nn.Module()
+    holder.__dict__[CONTEXT_ATTR] = ctx
+    return sigma_scope(holder, None, latents=latents)
+
+
+def test_per_latent_ranges_lower_the_error_that_guidance_amplifies():
+    ctx = QuantContext()
+    uncond, cond = _cfg_pair(n=8, seed=1)
+    x, s = torch.cat([uncond, cond]), 3.0
+    exact = uncond + s * (cond - uncond)
+    errors = {}
+    for ranges in ("per_sample", "per_latent"):
+        q = ActQuantizer("a8_asym", "dynamic", ctx, "l", ranges=ranges)
+        with sigma_scope_latents(q, ctx, 8):
+            u, c = q(x).chunk(2)
+        errors[ranges] = (u + s * (c - u) - exact).pow(2).mean()
+    # one grid for both passes: their rounding errors largely agree and pass through guidance once
+    assert errors["per_latent"] < 0.5 * errors["per_sample"]
+
+
+def test_per_latent_ranges_leave_single_passes_and_other_batches_alone():
+    ctx = QuantContext()
+    q = ActQuantizer("a8_asym", "dynamic", ctx, "l", ranges="per_latent")
+    ref = ActQuantizer("a8_asym", "dynamic", ctx, "l", ranges="per_sample")
+    x = torch.randn(6, 5) * torch.arange(1, 7).reshape(6, 1)
+    # CFG 1 (one pass per latent), a batch the latents do not divide, more than MAX_PASSES passes
+    for latents in (6, 4, 5):
+        with sigma_scope_latents(q, ctx, latents):
+            assert torch.equal(q(x), ref(x)), latents
+    from qcorrect.quant.activations import MAX_PASSES
+    many = torch.randn(2 * (MAX_PASSES + 1), 3)
+    with sigma_scope_latents(q, ctx, 2):
+        assert torch.equal(q(many), ref(many))
+    with sigma_scope_latents(q, ctx, 3):
+        assert not torch.equal(q(x), ref(x))  # two passes of three latents: shared
+
+
+def test_bad_ranges_and_latents_refused():
+    with pytest.raises(QuantizationError, match="unknown activation ranges"):
+        ActQuantizer("a8_asym", "dynamic", QuantContext(), "l", ranges="per_token")
+    with pytest.raises(ValueError, match="latents"):
+        with sigma_scope_latents(None, QuantContext(), 0):
+            pass
+
+
+def test_sigma_scoped_denoiser_publishes_the_latents_and_restores_them():
+    from qcorrect.quant import SigmaScopedDenoiser
+    from qcorrect.quant.context import attach_context
+    module = torch.nn.Module()
+    ctx = attach_context(module)
+    seen = []
+
+    def denoiser(x, sigma, **extra):
+        seen.append((ctx.latents, float(ctx.sigma.reshape(-1)[0])))
+        return x
+
+    SigmaScopedDenoiser(denoiser, module)(torch.zeros(5, 2), torch.tensor([2.0]))
+    assert seen == [(5, 2.0)] and ctx.latents is None and ctx.sigma is None

@@ -237,3 +237,41 @@ def test_unknown_file_version_refused(tmp_path):
     save_file(tensors, path, {**meta, "qcorrect.version": "3"})
     with pytest.raises(QuantFileError, match="file version '3'"):
         load_quantized(make_toy(), path)
+
+
+def test_per_latent_ranges_survive_save_load_and_older_files_keep_per_sample_ranges(tmp_path):
+    import json
+    from safetensors.torch import save_file
+    from qcorrect.quant import QuantPlan, quantized_layers
+    m = quantize_model(make_toy(), "W4A8")  # the presets share ranges between a latent's passes
+    assert {l.act.ranges for l in quantized_layers(m).values()} == {"per_latent"}
+    x, t = toy_inputs(batch=2, seed=4)
+    x2, t2 = torch.cat([x, x * 1.1]), torch.cat([t, t])  # two passes of two latents
+    path = str(tmp_path / "q.safetensors")
+    save_quantized(m, path)
+    loaded = load_quantized(make_toy(seed=3), path)
+    with sigma_scope(m, None, latents=2), sigma_scope(loaded, None, latents=2):
+        shared = m(x2, t2)
+        assert torch.equal(shared, loaded(x2, t2))
+    assert not torch.equal(shared, m(x2, t2))  # outside the scope every sample has its own range
+    # a file written before the field existed: same tensors, a plan without act_ranges
+    tensors, meta = _file(path)
+    plan = json.loads(meta["qcorrect.quant_plan"])
+    del plan["plan"]["act_ranges"]
+    for spec in plan["layers"].values():
+        del spec["act_ranges"]
+    old = str(tmp_path / "old.safetensors")
+    save_file(tensors, old, {**meta, "qcorrect.quant_plan": json.dumps(plan)})
+    before = load_quantized(make_toy(), old)
+    assert {l.act.ranges for l in quantized_layers(before).values()} == {"per_sample"}
+    assert QuantPlan.from_json(json.dumps(plan["plan"])).act_ranges == "per_sample"
+    with sigma_scope(before, None, latents=2):
+        assert torch.equal(before(x2, t2), m(x2, t2))
+
+
+def test_per_sample_ranges_can_be_asked_for_and_bad_values_are_refused():
+    from qcorrect.quant import quantized_layers
+    m = quantize_model(make_toy(), preset("W4A8", act_ranges="per_sample"))
+    assert {l.act.ranges for l in quantized_layers(m).values()} == {"per_sample"}
+    with pytest.raises(QuantizationError, match="unknown activation ranges"):
+        preset("W4A8", act_ranges="per_pixel")
