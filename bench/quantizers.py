@@ -50,7 +50,7 @@ from ..calibration.inputs import (
     DEFAULT_ROWS_PER_K, calibration_layers, collect_inputs, early_weight, layer_groups, layer_probe, probe_calls, stats_bytes,
 )
 from ..evaluation import paired_bootstrap_ci
-from ..quant import PRESETS, SigmaScopedDenoiser, quantize_model, resolve_plan
+from ..quant import PRESETS, SigmaScopedDenoiser, preset as quant_preset, quantize_model, resolve_plan
 from ..quant.activations import ACT_RANGES
 from ..quant.budget import RANK_STEP, layer_bytes
 from ..quant.calibrated import CalibratedConfig, quantize_calibrated
@@ -420,8 +420,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
     all_calib = [s + k * len(calib_seeds) for k in range(calib_sets) for s in calib_seeds]
     check_disjoint(all_calib, seeds)
     ref = load_reference()
-    plans = {p: PRESETS[p] if act_ranges is None else replace(PRESETS[p], act_ranges=act_ranges).validate()
-             for p in presets}
+    plans = {p: quant_preset(p, **({} if act_ranges is None else {"act_ranges": act_ranges})) for p in presets}
     grid = ref.denoiser.sigmas
     labels = labels_for(seeds, classes)
     fp16_ref = _fp16_ref_bytes(ref.unet)
