@@ -64,18 +64,23 @@ def fake_quantize(
     xf = x.float()
     lo = lo.float()
     hi = hi.float()
+    # in place after the first division: the same operations in the same order as the out-of-place
+    # form (bit for bit), without five more activation-sized allocations per layer and call
     if symmetric:
         qmax = 2.0 ** (bits - 1) - 1 if isinstance(bits, int) else torch.exp2(bits.float() - 1) - 1
         scale = (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp_min(_EPS)
-        q = torch.clamp(torch.round(xf / scale), -qmax, qmax)
-        return (q * scale).to(x.dtype)
+        lim = qmax if isinstance(qmax, float) else qmax.expand_as(scale)
+        q = (xf / scale).round_()
+        q = torch.clamp(q, -lim, lim, out=q) if torch.is_tensor(lim) else q.clamp_(-lim, lim)
+        return q.mul_(scale).to(x.dtype)
     levels = 2.0**bits - 1 if isinstance(bits, int) else torch.exp2(bits.float()) - 1
     lo = lo.clamp(max=0.0)
     hi = hi.clamp(min=0.0)
     scale = ((hi - lo) / levels).clamp_min(_EPS)
     zero = torch.round(-lo / scale)
-    q = torch.clamp(torch.round(xf / scale) + zero, 0, levels)
-    return ((q - zero) * scale).to(x.dtype)
+    q = (xf / scale).round_().add_(zero)
+    q = torch.clamp(q, torch.zeros_like(levels), levels, out=q) if torch.is_tensor(levels) else q.clamp_(0, levels)
+    return q.sub_(zero).mul_(scale).to(x.dtype)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -98,7 +103,11 @@ class _StraightThrough(torch.autograd.Function):
 def _per_sample_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.ndim < 2:
         return torch.aminmax(x)
-    lo, hi = torch.aminmax(x.reshape(x.shape[0], -1), dim=1)
+    flat = x.reshape(x.shape[0], -1)
+    if x.device.type == "cpu":  # torch's CPU aminmax along a dim is 5-10x slower than the two reductions
+        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+    else:
+        lo, hi = torch.aminmax(flat, dim=1)
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     return lo.reshape(shape), hi.reshape(shape)
 

@@ -196,3 +196,36 @@ def test_sigma_scoped_denoiser_publishes_the_latents_and_restores_them():
 
     SigmaScopedDenoiser(denoiser, module)(torch.zeros(5, 2), torch.tensor([2.0]))
     assert seen == [(5, 2.0)] and ctx.latents is None and ctx.sigma is None
+
+
+def test_per_sample_range_is_the_exact_min_and_max_of_each_sample():
+    # the CPU path takes amin/amax (torch's CPU aminmax along a dim is several times slower); the
+    # values must be the exact extremes, the same as aminmax's
+    from qcorrect.quant.activations import _per_sample_range
+
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    x[2, 1, 0, 0] = 40.0
+    lo, hi = _per_sample_range(x)
+    ref_lo, ref_hi = torch.aminmax(x.reshape(5, -1), dim=1)
+    assert lo.shape == hi.shape == (5, 1, 1, 1)
+    assert torch.equal(lo.reshape(-1), ref_lo) and torch.equal(hi.reshape(-1), ref_hi)
+    assert float(hi[2]) == 40.0
+
+
+def test_fake_quantize_matches_the_textbook_formula_bit_for_bit():
+    # fake_quantize works in place after its first division; it must give exactly what the
+    # out-of-place formula (divide, round, add the zero point, clamp, subtract it, multiply) gives
+    g = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.float16):
+        x = (torch.randn(3, 64, generator=g) * 3).to(dtype)
+        lo, hi = x.float().amin(1, keepdim=True) * 0.8, x.float().amax(1, keepdim=True) * 0.7
+        for bits in (8, 4, torch.tensor(6.0)):
+            levels = 2.0 ** float(bits) - 1
+            scale = ((hi.clamp(min=0) - lo.clamp(max=0)) / levels).clamp_min(1e-8)
+            zero = torch.round(-lo.clamp(max=0) / scale)
+            want = ((torch.clamp(torch.round(x.float() / scale) + zero, 0, levels) - zero) * scale).to(dtype)
+            assert torch.equal(fake_quantize(x, lo, hi, bits, False), want)
+            qmax = 2.0 ** (float(bits) - 1) - 1
+            s = (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp_min(1e-8)
+            want = (torch.clamp(torch.round(x.float() / s), -qmax, qmax) * s).to(dtype)
+            assert torch.equal(fake_quantize(x, lo, hi, bits, True), want)
