@@ -55,6 +55,9 @@ from ..quant.activations import ACT_RANGES
 from ..quant.budget import RANK_STEP, layer_bytes
 from ..quant.calibrated import CalibratedConfig, quantize_calibrated
 from ..quant.modules import QUANT_LAYERS
+from ..quant.plan import set_activation_schedule
+from ..quant.qtypes import qtype
+from ..quant.relax import WHERE as RELAX_WHERE, relaxed_schedule
 from ..quant.tune import DRAWS, TuneConfig, tune_grid
 from ..reference.model import load_reference
 from ..reference.samplers import SAMPLERS
@@ -397,10 +400,19 @@ def _fp16_ref_bytes(unet) -> int:
     return sum(_count(t) for t in [*unet.parameters(), *unet.buffers()])
 
 
+def _relax(unet, plan, sigmas, relax) -> None:
+    fraction, where, bits = relax
+    if plan.activations is None:
+        raise SystemExit(f"--relax needs quantized activations; preset {plan.preset!r} has none")
+    schedule, _, _ = relaxed_schedule(sigmas, fraction, where, bits, qtype(plan.activations).bits)
+    if schedule:
+        set_activation_schedule(unet, schedule)
+
+
 def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20, scheduler="normal", budget=0.30,
         step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False, rows_per_k=DEFAULT_ROWS_PER_K,
         budget_extra=None, corrections=(), correct_on=("best",), damp=None, calib_sets=1, amplitudes=(),
-        own_error=False, guided=False, tune=None, act_ranges=None):
+        own_error=False, guided=False, tune=None, act_ranges=None, relax=None):
     """``budget``: the budgeted methods' cap, × each model's fp16 bytes; with ``budget_extra`` the cap is
     instead each model's round-to-nearest ratio plus that much (the same headroom on the reference
     model and on the SD1.5-shaped UNet, whose fixed 16-bit share differs tenfold). ``corrections``:
@@ -414,7 +426,10 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
     every row also gets ``own_early_error``, the early one-step error against FP on the states of the
     model's *own* trajectory (FP runs on them alongside; sampling costs about a third more). ``act_ranges``: the
     presets' dynamic activation ranges, ``per_latent`` or ``per_sample`` (``None``: the presets' own,
-    ``per_latent`` since session 9; ``per_sample`` reproduces the rows measured before)."""
+    ``per_latent`` since session 9; ``per_sample`` reproduces the rows measured before). ``relax``:
+    ``(fraction, where, bits)``, PCR's relaxing (``quant.relax``) applied to every row's quantized
+    model after it is made and tuned, as the Relax Timesteps node does after Quantize Model: that
+    share of the steps near ``where`` ("xT" or "x0") runs its activations at ``bits``."""
     if calib_sets < 1:
         raise SystemExit("--calib-sets must be at least 1")
     all_calib = [s + k * len(calib_seeds) for k in range(calib_sets) for s in calib_seeds]
@@ -500,6 +515,8 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                                 f"held-out loss {tuned['hold_loss_before']:.4g} -> {tuned['hold_loss_after']:.4g}"
                                 f"{'' if tuned['kept'] else ' (not kept)'}")
                         solve = time.perf_counter() - t1
+                        if relax is not None:
+                            _relax(qd.unet, plans[preset], sigmas, relax)
                         t2 = time.perf_counter()
                         lat, own = _sample(qden, ref.denoiser, rc, seeds, labels, grid, own_error)
                         img = decode(ref.autoencoder, lat)
@@ -560,6 +577,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
            "calib_seeds": _span(calib_seeds), "classes": classes, "budget": budget, "budget_extra": budget_extra,
            "step_weight": step_weight, "guided_stats": bool(guided),
            "act_ranges": {p: plan.act_ranges for p, plan in plans.items()},
+           "relax": None if relax is None else {"fraction": relax[0], "where": relax[1], "bits": relax[2]},
            "outlier_ratio": outlier_ratio, "rows_per_k": rows_per_k, "best": BEST, "collections": collections, "rows": rows,
            "set_comparisons": set_comparisons, "damp": damp, "calib_sets": calib_sets,
            "sd15": {f"{p}/{m}": v for (p, m), v in sd15.items()}, "sd15_stats": sd15_stats_memory()}
@@ -694,6 +712,7 @@ def main(args) -> int:
               calib_sets=args.calib_sets,
               amplitudes=[float(a) for a in args.amplitudes.split(",") if a.strip()] if args.amplitudes else (),
               own_error=args.own_error, guided=args.guided, act_ranges=args.act_ranges,
+              relax=None if args.relax is None else (args.relax, args.relax_where, args.relax_bits),
               tune=TuneConfig(iterations=args.tune_iters, lr=args.tune_lr, early_weight=args.step_weight,
                               batch=args.tune_batch, draw=args.tune_draw))
     print_result(res)
@@ -743,6 +762,11 @@ def add_parser(sub) -> None:
     p.add_argument("--act-ranges", default=None, choices=ACT_RANGES,
                    help="dynamic activation ranges: per_latent (the presets' default: a latent's CFG passes share "
                         "one range) or per_sample (each sample its own; how rows before session 9 were measured)")
+    p.add_argument("--relax", type=float, default=None, metavar="FRACTION",
+                   help="PCR's relaxing on every quantized row after it is made (and tuned): this share of the "
+                        "steps, near --relax-where, runs its activations at --relax-bits")
+    p.add_argument("--relax-where", default="xT", choices=RELAX_WHERE)
+    p.add_argument("--relax-bits", type=int, default=10)
     p.add_argument("--tune-iters", type=int, default=TuneConfig.iterations,
                    help="iterations of the *_tuned methods' grid tuning (one recorded calibration call each)")
     p.add_argument("--tune-lr", type=float, default=TuneConfig.lr, help="learning rate of the grid tuning")

@@ -311,3 +311,22 @@ def test_act_ranges_reach_the_models_and_only_change_guided_calls():
 
     assert rtn(1.0, None) == rtn(1.0, "per_sample")
     assert rtn(3.0, None) != rtn(3.0, "per_sample")
+
+
+def test_relax_raises_the_activation_bits_of_the_first_steps_only():
+    """``--relax F``: PCR's schedule on every row's quantized model — the relaxed step's activations
+    are finer (the early one-step error falls), the other steps are untouched bit for bit; a preset
+    without quantized activations is refused."""
+    def rtn0(relax):
+        res = quantizers.run(["W4A8"], ["rtn"], ["euler"], [1.0], SEEDS, CALIB[:4], CLASSES, amplitudes=(0.0,),
+                             relax=relax, steps=4, batch_size=4, log=lambda *_: None)
+        return res, {r["method"]: r for r in res["rows"]}["rtn×0"]
+
+    plain, p = rtn0(None)
+    relaxed, r = rtn0((0.25, "xT", 10))  # one of four steps, the noisiest (σ far above EARLY_SIGMA)
+    assert plain["relax"] is None and relaxed["relax"] == {"fraction": 0.25, "where": "xT", "bits": 10}
+    # activations only (rtn×0): that step at A10 instead of A8
+    assert r["early_error"] < 0.5 * p["early_error"]
+    assert r["per_sample_late_error"] == p["per_sample_late_error"]
+    with pytest.raises(SystemExit, match="activations"):
+        quantizers.run(["W4A16"], ["rtn"], ["euler"], [1.0], SEEDS, CALIB[:4], CLASSES, relax=(0.5, "xT", 10), **SMALL)
