@@ -212,8 +212,8 @@ def test_per_sample_range_is_the_exact_min_and_max_of_each_sample():
     assert float(hi[2]) == 40.0
 
 
-def test_fake_quantize_matches_the_textbook_formula_bit_for_bit():
-    # fake_quantize works in place after its first division; it must give exactly what the
+def test_fake_quantize_gives_the_values_of_the_textbook_formula():
+    # fake_quantize works in place and folds the zero point into its bounds; it must give exactly the values the
     # out-of-place formula (divide, round, add the zero point, clamp, subtract it, multiply) gives
     g = torch.Generator().manual_seed(4)
     for dtype in (torch.float32, torch.float16):
