@@ -714,7 +714,8 @@ def main(args) -> int:
               own_error=args.own_error, guided=args.guided, act_ranges=args.act_ranges,
               relax=None if args.relax is None else (args.relax, args.relax_where, args.relax_bits),
               tune=TuneConfig(iterations=args.tune_iters, lr=args.tune_lr, early_weight=args.step_weight,
-                              batch=args.tune_batch, draw=args.tune_draw))
+                              batch=args.tune_batch, draw=args.tune_draw, lowpass_weight=args.tune_lowpass,
+                              lowpass=args.tune_lowpass_k))
     print_result(res)
     if args.json:
         emit_json(res)
@@ -773,6 +774,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tune-draw", default=TuneConfig.draw, choices=DRAWS,
                    help="how tuning iterations pick their recorded call: uniform (each call once per pass) or "
                         "weighted (drawn in proportion to the step weight)")
+    p.add_argument("--tune-lowpass", type=float, default=TuneConfig.lowpass_weight, metavar="W",
+                   help="early calls' tuning loss also counts their error pooled over --tune-lowpass-k latent pixels, W times")
+    p.add_argument("--tune-lowpass-k", type=int, default=TuneConfig.lowpass)
     p.add_argument("--tune-batch", type=int, default=TuneConfig.batch,
                    help="samples of a recorded call each tuning iteration uses (random, seeded; 0 = all of it)")
     p.add_argument("--compare", default=None, metavar="A,B",

@@ -71,6 +71,8 @@ class TuneConfig:
     seed: int = 0
     batch: int = 0
     draw: str = "uniform"
+    lowpass_weight: float = 0.0
+    lowpass: int = 2
 
     def validate(self) -> "TuneConfig":
         if self.iterations < 1:
@@ -81,6 +83,10 @@ class TuneConfig:
             raise QuantizationError(f"the early-step weight must be positive, got {self.early_weight!r}")
         if self.draw not in DRAWS:
             raise QuantizationError(f"unknown tuning draw {self.draw!r}; known: {DRAWS}")
+        if not self.lowpass_weight >= 0 or not math.isfinite(self.lowpass_weight):
+            raise QuantizationError(f"the low-pass weight must be finite and ≥ 0, got {self.lowpass_weight!r}")
+        if self.lowpass < 1:
+            raise QuantizationError(f"the low-pass pooling factor must be ≥ 1, got {self.lowpass!r}")
         if self.batch < 0:
             raise QuantizationError(f"the tuning batch must be 0 (whole recorded calls) or positive, got {self.batch!r}")
         return self
@@ -220,10 +226,22 @@ def _call_weight(call, cfg: TuneConfig) -> float:
 
 
 def _call_loss(denoiser, call, cfg: TuneConfig, weight: float | None = None) -> torch.Tensor:
+    """``w(σ)·mean‖D_q − D_fp‖²``; with ``lowpass_weight`` λ > 0, an early call (σ ≥ ``early_sigma``)
+    adds ``λ·mean‖pool(D_q − D_fp)‖²``, the error averaged over ``lowpass``×``lowpass`` latent pixels.
+
+    Why (an option, measured in docs/BENCHMARKS.md, session 10): what an early step's error does to the
+    final sample passes through the rest of the trajectory, which keeps the coarse structure an early
+    step sets and denoises its fine detail away, so the low frequencies of an early error are the part
+    that can tip a sample; the pooled term weights them more without a Jacobian of the flow."""
     x, sigma, extra, target = call
     out = denoiser(x, sigma, **extra)
     w = _call_weight(call, cfg) if weight is None else weight
-    return w * (out.float() - target.float()).pow(2).mean()
+    d = out.float() - target.float()
+    loss = d.pow(2).mean()
+    if cfg.lowpass_weight > 0 and d.ndim == 4 and float(call[1].reshape(-1)[0]) >= cfg.early_sigma:
+        k = cfg.lowpass
+        loss = loss + cfg.lowpass_weight * torch.nn.functional.avg_pool2d(d, k, ceil_mode=True).pow(2).mean()
+    return w * loss
 
 
 def _weighted_draws(calls: list, cfg: TuneConfig, gen: torch.Generator) -> tuple[list[int], float]:
@@ -315,6 +333,7 @@ def tune_grid(denoiser, module: nn.Module, fit_calls: list, hold_calls: list, co
         if note is None:
             note = (f"held-out loss {after_hold:.4g} ≥ {before_hold:.4g} before tuning; the grid was restored")
     report = {"kept": kept, "iterations": cfg.iterations, "batch": cfg.batch, "draw": cfg.draw, "layers": len(layers), "lr": cfg.lr,
+              **({"lowpass_weight": cfg.lowpass_weight, "lowpass": cfg.lowpass} if cfg.lowpass_weight else {}),
               "train_loss_first": sum(losses[:tenth]) / tenth, "train_loss_last": sum(losses[-tenth:]) / tenth,
               "hold_loss_before": before_hold, "hold_loss_after": after_hold,
               "seconds": round(time.perf_counter() - t0, 2)}

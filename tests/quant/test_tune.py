@@ -106,6 +106,10 @@ def test_bad_inputs_are_refused_with_clear_errors():
         TuneConfig(batch=-1).validate()
     with pytest.raises(QuantizationError, match="draw"):
         TuneConfig(draw="importance").validate()
+    with pytest.raises(QuantizationError, match="low-pass weight"):
+        TuneConfig(lowpass_weight=float("nan")).validate()
+    with pytest.raises(QuantizationError, match="pooling factor"):
+        TuneConfig(lowpass_weight=1.0, lowpass=0).validate()
 
 
 def test_a_sub_sampled_call_keeps_each_sample_with_its_own_sigma_conditioning_and_target():
@@ -236,3 +240,29 @@ def test_the_memory_lean_grid_op_has_plain_autograds_output_and_gradients(kind, 
     for a, b in zip(gp1, gp0):
         assert a.abs().sum() > 0
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_low_pass_term_weights_coarse_early_errors_only():
+    """``lowpass_weight`` λ: an early call's loss adds λ × its error pooled over k×k latent pixels — a
+    smooth error counts (1 + λ)×, one that alternates at the pixel scale is pooled away and counts 1×;
+    late calls are unchanged; tuning with it still lowers the held-out loss and gives another grid."""
+    from qcorrect.quant.tune import _call_loss
+
+    ident = lambda x, sigma, **e: x  # noqa: E731 — the "error" is x itself against a zero target
+    zero = torch.zeros(2, 4, 8, 8)
+    smooth, rough = torch.ones(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
+    rough[..., ::2, :] = -1
+    cfg, lp = TuneConfig(), TuneConfig(lowpass_weight=3.0, lowpass=2)
+    early, late = torch.full((2,), 8.0), torch.full((2,), 1.0)
+    loss = lambda x, s, c: float(_call_loss(ident, (x, s, {}, zero), c))  # noqa: E731
+    assert loss(smooth, early, lp) == pytest.approx(4 * loss(smooth, early, cfg))
+    assert loss(rough, early, lp) == pytest.approx(loss(rough, early, cfg))
+    assert loss(smooth, late, lp) == loss(smooth, late, cfg)
+
+    fp, q, qd = quantized()
+    fit, hold = calls(fp, 24, 1), calls(fp, 8, 2)
+    other = copy.deepcopy(q)
+    rep = tune_grid(qd, q.net, fit, hold, TuneConfig(iterations=60, lr=3e-3, lowpass_weight=4.0))
+    assert rep["kept"] and rep["lowpass_weight"] == 4.0 and rep["hold_loss_after"] < 0.95 * rep["hold_loss_before"]
+    plain = tune_grid(SigmaScopedDenoiser(other, other.net), other.net, fit, hold, TuneConfig(iterations=60, lr=3e-3))
+    assert "lowpass_weight" not in plain and plain["hold_loss_after"] != rep["hold_loss_after"]
