@@ -715,7 +715,7 @@ def main(args) -> int:
               relax=None if args.relax is None else (args.relax, args.relax_where, args.relax_bits),
               tune=TuneConfig(iterations=args.tune_iters, lr=args.tune_lr, early_weight=args.step_weight,
                               batch=args.tune_batch, draw=args.tune_draw, lowpass_weight=args.tune_lowpass,
-                              lowpass=args.tune_lowpass_k))
+                              lowpass=args.tune_lowpass_k, seed=args.tune_seed))
     print_result(res)
     if args.json:
         emit_json(res)
@@ -777,6 +777,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tune-lowpass", type=float, default=TuneConfig.lowpass_weight, metavar="W",
                    help="early calls' tuning loss also counts their error pooled over --tune-lowpass-k latent pixels, W times")
     p.add_argument("--tune-lowpass-k", type=int, default=TuneConfig.lowpass)
+    p.add_argument("--tune-seed", type=int, default=TuneConfig.seed,
+                   help="seed of the tuning's call order (and sub-sampling): how much the result depends on it")
     p.add_argument("--tune-batch", type=int, default=TuneConfig.batch,
                    help="samples of a recorded call each tuning iteration uses (random, seeded; 0 = all of it)")
     p.add_argument("--compare", default=None, metavar="A,B",

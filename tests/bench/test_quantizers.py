@@ -330,3 +330,21 @@ def test_relax_raises_the_activation_bits_of_the_first_steps_only():
     assert r["per_sample_late_error"] == p["per_sample_late_error"]
     with pytest.raises(SystemExit, match="activations"):
         quantizers.run(["W4A16"], ["rtn"], ["euler"], [1.0], SEEDS, CALIB[:4], CLASSES, relax=(0.5, "xT", 10), **SMALL)
+
+
+def test_the_tuning_and_relax_flags_reach_the_run(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(quantizers, "run", lambda *a, **k: seen.update(k) or {})
+    monkeypatch.setattr(quantizers, "print_result", lambda res: None)
+    parser = __import__("argparse").ArgumentParser()
+    quantizers.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["quantizers", "--seeds", "1000-1003", "--calib-seeds", "0-3", "--tune-seed", "3",
+                              "--tune-lowpass", "2.5", "--tune-lowpass-k", "3", "--tune-iters", "7",
+                              "--relax", "0.35", "--relax-bits", "9"])
+    assert quantizers.main(args) == 0
+    tune = seen["tune"]
+    assert (tune.seed, tune.lowpass_weight, tune.lowpass, tune.iterations) == (3, 2.5, 3, 7)
+    assert seen["relax"] == (0.35, "xT", 9)
+    args = parser.parse_args(["quantizers", "--seeds", "1000-1003", "--calib-seeds", "0-3"])
+    quantizers.main(args)
+    assert seen["relax"] is None and seen["tune"].lowpass_weight == 0.0 and seen["tune"].seed == 0
