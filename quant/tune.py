@@ -229,10 +229,11 @@ def _call_loss(denoiser, call, cfg: TuneConfig, weight: float | None = None) -> 
     """``w(σ)·mean‖D_q − D_fp‖²``; with ``lowpass_weight`` λ > 0, an early call (σ ≥ ``early_sigma``)
     adds ``λ·mean‖pool(D_q − D_fp)‖²``, the error averaged over ``lowpass``×``lowpass`` latent pixels.
 
-    Why (an option, measured in docs/BENCHMARKS.md, session 10): what an early step's error does to the
-    final sample passes through the rest of the trajectory, which keeps the coarse structure an early
-    step sets and denoises its fine detail away, so the low frequencies of an early error are the part
-    that can tip a sample; the pooled term weights them more without a Jacobian of the flow."""
+    The guess behind it: what an early step's error does to the final sample passes through the rest
+    of the trajectory, which keeps the coarse structure an early step sets and denoises its fine detail
+    away, so the low frequencies of an early error might be what tips a sample; the pooled term weights
+    them more without a Jacobian of the flow. Measured on the reference model (docs/BENCHMARKS.md,
+    session 10) it was worse (−2.2 and −7.3 points of gap closed at CFG 3), so it is off by default."""
     x, sigma, extra, target = call
     out = denoiser(x, sigma, **extra)
     w = _call_weight(call, cfg) if weight is None else weight
