@@ -221,8 +221,12 @@ def _subsample(call, batch: int, gen: torch.Generator):
     return take(x), take(sigma), {k: take(v) for k, v in extra.items()}, take(target)
 
 
+def _is_early(call, cfg: TuneConfig) -> bool:
+    return float(call[1].reshape(-1)[0]) >= cfg.early_sigma
+
+
 def _call_weight(call, cfg: TuneConfig) -> float:
-    return cfg.early_weight if float(call[1].reshape(-1)[0]) >= cfg.early_sigma else 1.0
+    return cfg.early_weight if _is_early(call, cfg) else 1.0
 
 
 def _call_loss(denoiser, call, cfg: TuneConfig, weight: float | None = None) -> torch.Tensor:
@@ -236,12 +240,12 @@ def _call_loss(denoiser, call, cfg: TuneConfig, weight: float | None = None) -> 
     session 10) it was worse (−2.2 and −7.3 points of gap closed at CFG 3), so it is off by default."""
     x, sigma, extra, target = call
     out = denoiser(x, sigma, **extra)
-    w = _call_weight(call, cfg) if weight is None else weight
+    early = _is_early(call, cfg)  # one host read of σ per call, for the weight and the low-pass term
+    w = (cfg.early_weight if early else 1.0) if weight is None else weight
     d = out.float() - target.float()
     loss = d.pow(2).mean()
-    if cfg.lowpass_weight > 0 and d.ndim == 4 and float(call[1].reshape(-1)[0]) >= cfg.early_sigma:
-        k = cfg.lowpass
-        loss = loss + cfg.lowpass_weight * torch.nn.functional.avg_pool2d(d, k, ceil_mode=True).pow(2).mean()
+    if cfg.lowpass_weight > 0 and d.ndim == 4 and early:
+        loss = loss + cfg.lowpass_weight * torch.nn.functional.avg_pool2d(d, cfg.lowpass, ceil_mode=True).pow(2).mean()
     return w * loss
 
 
