@@ -49,7 +49,7 @@ from torch import nn
 from ..calibration.inputs import (
     DEFAULT_ROWS_PER_K, calibration_layers, collect_inputs, early_weight, layer_groups, layer_probe, probe_calls, stats_bytes,
 )
-from ..evaluation import paired_bootstrap_ci
+from ..evaluation import latent_mse, paired_bootstrap_ci
 from ..quant import PRESETS, SigmaScopedDenoiser, preset as quant_preset, quantize_model, resolve_plan
 from ..quant.activations import ACT_RANGES
 from ..quant.budget import RANK_STEP, layer_bytes
@@ -329,6 +329,80 @@ def _tail(per: dict) -> dict:
             "tipped": int((mse > TIPPED_MSE).sum()), "per_sample_latent_mse": [float(f"{float(v):.7g}") for v in mse]}
 
 
+class StepWindow:
+    """Denoiser that runs ``quantized`` on the steps of a window and ``fp`` on every other step.
+
+    A call belongs to step ``i`` of the schedule when ``σ_{i+1} < σ ≤ σ_i`` (so a sampler's intermediate
+    evaluations, e.g. Heun's second one, count with their step, and a σ above σ_0 with step 0);
+    ``steps`` is a set of step indices."""
+
+    def __init__(self, quantized, fp, sigmas: torch.Tensor, steps) -> None:
+        self.quantized, self.fp, self.steps = quantized, fp, frozenset(steps)
+        self._edges = [float(s) for s in sigmas]
+
+    def step_of(self, sigma: float) -> int:
+        e = self._edges
+        for i in range(len(e) - 2):
+            if sigma > e[i + 1] * (1 + 1e-6):  # the call at exactly σ_{i+1} opens step i + 1
+                return i
+        return len(e) - 2
+
+    def __call__(self, x, sigma, **extra):
+        s = float(sigma.reshape(-1)[0]) if torch.is_tensor(sigma) else float(sigma)
+        return (self.quantized if self.step_of(s) in self.steps else self.fp)(x, sigma, **extra)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["fp"], name)
+
+
+def parse_windows(text: str | None, steps: int) -> dict[str, range]:
+    """``"0-3,4-6,7"`` → step windows (inclusive index ranges of a ``steps``-step schedule)."""
+    out: dict[str, range] = {}
+    for part in (t.strip() for t in (text or "").split(",")):
+        if not part:
+            continue
+        a, _, b = part.partition("-")
+        try:
+            lo, hi = int(a), int(b or a)
+        except ValueError:
+            raise SystemExit(f"--windows: {part!r} is not a step range like 0-3") from None
+        if not 0 <= lo <= hi < steps:
+            raise SystemExit(f"--windows: {part!r} is outside steps 0-{steps - 1}")
+        out[f"{lo}-{hi}"] = range(lo, hi + 1)
+    return out
+
+
+@torch.no_grad()
+def _window_fields(qden, fp, rc, seeds, labels, grid, sigmas, windows: dict, lat_fp, full_mse, rtn: dict | None) -> dict:
+    """Each window's final latent MSE to FP when only its steps run quantized, per sample and as a mean,
+    its ratio to round-to-nearest's same window (``rtn``: that row's fields), how many samples it tips,
+    ``tipped_in_no_window``: samples the fully quantized run tips (latent MSE > TIPPED_MSE) that no
+    window alone tips — a final error made by the windows' errors together — and, when the windows that
+    do not overlap an earlier one (in the order given) partition the steps, ``windows_partition`` (their
+    names) and ``windows_sum_over_full``: their mean latent MSEs summed, over the fully quantized run's
+    (1 when the steps' contributions add up, below 1 when they compound, above 1 when they cancel)."""
+    out, tipped_any = {}, torch.zeros(len(seeds), dtype=torch.bool)
+    for name, steps in windows.items():
+        lat = sample_latents(StepWindow(qden, fp, sigmas, steps), rc, seeds, labels, grid)
+        mse = latent_mse(lat, lat_fp)
+        tipped_any |= mse > TIPPED_MSE
+        w = {"latent_mse": float(mse.mean()), "tipped": int((mse > TIPPED_MSE).sum()),
+             "per_sample_latent_mse": [float(f"{float(v):.7g}") for v in mse]}
+        if rtn is not None and name in rtn["windows"]:
+            w["x_rtn"] = w["latent_mse"] / max(rtn["windows"][name]["latent_mse"], 1e-30)
+        out[name] = w
+    full = full_mse > TIPPED_MSE
+    res = {"windows": out, "tipped_in_no_window": int((full & ~tipped_any).sum())}
+    taken: list[str] = []  # the windows, in the order given, that do not overlap an earlier one
+    for name, steps in windows.items():
+        if not any(set(steps) & set(windows[t]) for t in taken):
+            taken.append(name)
+    if sorted(i for t in taken for i in windows[t]) == list(range(len(sigmas) - 1)):  # they partition the steps
+        res["windows_partition"] = taken
+        res["windows_sum_over_full"] = sum(out[t]["latent_mse"] for t in taken) / max(float(full_mse.mean()), 1e-30)
+    return res
+
+
 def _against(per: dict, base: dict) -> dict:
     """Gap closed against ``base``'s latent MSE (paired bootstrap), ΔPSNR, median per-sample gap,
     worst per-sample ratio and share of samples made worse."""
@@ -412,7 +486,7 @@ def _relax(unet, plan, sigmas, relax) -> None:
 def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20, scheduler="normal", budget=0.30,
         step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False, rows_per_k=DEFAULT_ROWS_PER_K,
         budget_extra=None, corrections=(), correct_on=("best",), damp=None, calib_sets=1, amplitudes=(),
-        own_error=False, guided=False, tune=None, act_ranges=None, relax=None):
+        own_error=False, guided=False, tune=None, act_ranges=None, relax=None, windows=None):
     """``budget``: the budgeted methods' cap, × each model's fp16 bytes; with ``budget_extra`` the cap is
     instead each model's round-to-nearest ratio plus that much (the same headroom on the reference
     model and on the SD1.5-shaped UNet, whose fixed 16-bit share differs tenfold). ``corrections``:
@@ -429,7 +503,11 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
     ``per_latent`` since session 9; ``per_sample`` reproduces the rows measured before). ``relax``:
     ``(fraction, where, bits)``, PCR's relaxing (``quant.relax``) applied to every row's quantized
     model after it is made and tuned, as the Relax Timesteps node does after Quantize Model: that
-    share of the steps near ``where`` ("xT" or "x0") runs its activations at ``bits``."""
+    share of the steps near ``where`` ("xT" or "x0") runs its activations at ``bits``. ``windows``: step
+    windows (:func:`parse_windows`); every row of the first calibration set (analysis rows excepted) is
+    also sampled with its quantized model on each window's steps only and FP on the others
+    (:func:`_window_fields`): where along the trajectory its final error is made, and whether the
+    samples it tips are tipped by one window or by several together."""
     if calib_sets < 1:
         raise SystemExit("--calib-sets must be at least 1")
     all_calib = [s + k * len(calib_seeds) for k in range(calib_sets) for s in calib_seeds]
@@ -441,6 +519,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
     fp16_ref = _fp16_ref_bytes(ref.unet)
     sd15 = {}
     rows, images, collections, set_comparisons, rtn_ratios, rtn_early = [], {}, [], [], {}, {}
+    rtn_windows: dict = {}
     for sampler in samplers:
         for cfg_scale in cfgs:
             rc = RunConfig(sampler, scheduler, steps, cfg_scale, batch_size).validate()
@@ -534,6 +613,13 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                             rtn_ratios[preset] = row["bytes_ratio"]
                             rtn_early[preset] = errs
                         row.update(_step_fields(errs, rtn_early[preset]))
+                        if windows and k == 1:
+                            row.update(_window_fields(qden, ref.denoiser, rc, seeds, labels, grid, sigmas, windows, lat_fp,
+                                                      per["latent_mse"], rtn_windows.get(preset)))
+                            if method == "rtn":
+                                rtn_windows[preset] = row
+                            log(f"# {sampler} cfg {cfg_scale}: {preset} {method}: step windows "
+                                + ", ".join(f"{n} {w['latent_mse']:.5f}" for n, w in row["windows"].items()))
                         if mcfg is not None and mcfg.budget is not None:
                             row["budget"] = round(mcfg.budget, 4)
                         if key not in sd15:
@@ -578,6 +664,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
            "step_weight": step_weight, "guided_stats": bool(guided),
            "act_ranges": {p: plan.act_ranges for p, plan in plans.items()},
            "relax": None if relax is None else {"fraction": relax[0], "where": relax[1], "bits": relax[2]},
+           "windows": {n: [w.start, w.stop - 1] for n, w in (windows or {}).items()},
            "outlier_ratio": outlier_ratio, "rows_per_k": rows_per_k, "best": BEST, "collections": collections, "rows": rows,
            "set_comparisons": set_comparisons, "damp": damp, "calib_sets": calib_sets,
            "sd15": {f"{p}/{m}": v for (p, m), v in sd15.items()}, "sd15_stats": sd15_stats_memory()}
@@ -643,6 +730,17 @@ def print_result(res: dict) -> None:
     print_table(["preset", "method", "sampler", "cfg", "95th percentile", "max", "tipped"],
                 [[r["preset"], r["method"], r["sampler"], f"{r['cfg']:g}", f"{r['p95_mse']:.4f}", f"{r['max_mse']:.4f}",
                   f"{r['tipped']} of {res['n']}"] for r in res["rows"] if "p95_mse" in r])
+    if res.get("windows"):
+        names = list(res["windows"])
+        print("\nstep windows (quantized on those steps only, FP on the rest): mean latent MSE to FP, × round-to-nearest's "
+              "same window, tipped samples")
+        print_table(["preset", "method", "sampler", "cfg", "all steps"] + names + ["windows' sum / all", "tipped in no window"],
+                    [[r["preset"], r["method"], r["sampler"], f"{r['cfg']:g}", f"{r['latent_mse']:.5f} ({r['tipped']})"]
+                     + [f"{w['latent_mse']:.5f}" + (f" ×{w['x_rtn']:.2f}" if "x_rtn" in w else "") + f" ({w['tipped']})"
+                        for w in (r["windows"][n] for n in names)]
+                     + ["-" if "windows_sum_over_full" not in r else f"{r['windows_sum_over_full']:.2f}",
+                        f"{r['tipped_in_no_window']} of {r['tipped']}"]
+                     for r in res["rows"] if "windows" in r])
     for r in res["rows"]:
         if "worst_seed" in r:
             print(f"{r['preset']} {r['method']} {r['sampler']} cfg {r['cfg']:g}: worst sample seed {r['worst_seed']}, latent MSE "
@@ -713,6 +811,7 @@ def main(args) -> int:
               amplitudes=[float(a) for a in args.amplitudes.split(",") if a.strip()] if args.amplitudes else (),
               own_error=args.own_error, guided=args.guided, act_ranges=args.act_ranges,
               relax=None if args.relax is None else (args.relax, args.relax_where, args.relax_bits),
+              windows=parse_windows(args.windows, args.steps),
               tune=TuneConfig(iterations=args.tune_iters, lr=args.tune_lr, early_weight=args.step_weight,
                               batch=args.tune_batch, draw=args.tune_draw, lowpass_weight=args.tune_lowpass,
                               lowpass=args.tune_lowpass_k, seed=args.tune_seed))
@@ -766,6 +865,9 @@ def add_parser(sub) -> None:
     p.add_argument("--relax", type=float, default=None, metavar="FRACTION",
                    help="PCR's relaxing on every quantized row after it is made (and tuned): this share of the "
                         "steps, near --relax-where, runs its activations at --relax-bits")
+    p.add_argument("--windows", default=None, metavar="A-B,…",
+                   help="analysis: also sample every row with its quantized model on these steps only (0-based, "
+                        "inclusive) and FP elsewhere, e.g. 0-3,4-6,7-12,13-19")
     p.add_argument("--relax-where", default="xT", choices=RELAX_WHERE)
     p.add_argument("--relax-bits", type=int, default=10)
     p.add_argument("--tune-iters", type=int, default=TuneConfig.iterations,

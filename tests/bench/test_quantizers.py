@@ -340,11 +340,60 @@ def test_the_tuning_and_relax_flags_reach_the_run(monkeypatch):
     quantizers.add_parser(parser.add_subparsers())
     args = parser.parse_args(["quantizers", "--seeds", "1000-1003", "--calib-seeds", "0-3", "--tune-seed", "3",
                               "--tune-lowpass", "2.5", "--tune-lowpass-k", "3", "--tune-iters", "7",
-                              "--relax", "0.35", "--relax-bits", "9"])
+                              "--relax", "0.35", "--relax-bits", "9", "--windows", "0-3,4-19"])
     assert quantizers.main(args) == 0
     tune = seen["tune"]
     assert (tune.seed, tune.lowpass_weight, tune.lowpass, tune.iterations) == (3, 2.5, 3, 7)
     assert seen["relax"] == (0.35, "xT", 9)
+    assert seen["windows"] == {"0-3": range(0, 4), "4-19": range(4, 20)}
     args = parser.parse_args(["quantizers", "--seeds", "1000-1003", "--calib-seeds", "0-3"])
     quantizers.main(args)
     assert seen["relax"] is None and seen["tune"].lowpass_weight == 0.0 and seen["tune"].seed == 0
+    assert seen["windows"] == {}
+
+
+def test_step_windows_run_the_quantized_model_on_their_steps_only():
+    """``--windows``: a window over every step is the quantized run itself, sample by sample; the
+    windows that partition the steps (the first that do not overlap) report their sum against the full run; the other rows are compared with round-to-nearest's same window."""
+    res = quantizers.run(["W4A16"], ["rtn", "gptq"], ["euler"], [3.0], SEEDS, CALIB[:4], CLASSES,
+                         windows=quantizers.parse_windows("0-2,0-0,1-2", 3), **SMALL)
+    assert res["windows"] == {"0-2": [0, 2], "0-0": [0, 0], "1-2": [1, 2]}
+    for r in res["rows"]:
+        w = r["windows"]
+        assert w["0-2"]["per_sample_latent_mse"] == pytest.approx(r["per_sample_latent_mse"], rel=1e-5)
+        assert 0 < w["0-0"]["latent_mse"] < r["latent_mse"] and 0 < w["1-2"]["latent_mse"] < r["latent_mse"]
+        # 0-2 alone partitions the steps; 0-0 and 1-2 overlap it and are left out of the sum
+        assert r["windows_partition"] == ["0-2"] and r["windows_sum_over_full"] == pytest.approx(1.0, rel=1e-5)
+        assert 0 <= r["tipped_in_no_window"] <= r["tipped"]
+    rtn, gptq = (r["windows"] for r in res["rows"])
+    assert all("x_rtn" not in w for w in rtn.values()) and all("x_rtn" in w for w in gptq.values())
+    assert gptq["0-0"]["x_rtn"] == pytest.approx(gptq["0-0"]["latent_mse"] / rtn["0-0"]["latent_mse"])
+    part = quantizers.run(["W4A16"], ["rtn"], ["euler"], [3.0], SEEDS, CALIB[:4], CLASSES,
+                          windows=quantizers.parse_windows("0-0,1-2,0-1", 3), **SMALL)["rows"][0]
+    assert part["windows_partition"] == ["0-0", "1-2"]
+    assert part["windows_sum_over_full"] == pytest.approx(
+        (part["windows"]["0-0"]["latent_mse"] + part["windows"]["1-2"]["latent_mse"]) / part["latent_mse"])
+
+
+def test_a_step_window_assigns_every_call_to_its_step_and_passes_the_rest_to_fp():
+    calls = []
+    sigmas = torch.tensor([10.0, 4.0, 1.0, 0.0])
+    q = lambda x, s, **k: calls.append(("q", float(s))) or x  # noqa: E731
+    fp = lambda x, s, **k: calls.append(("fp", float(s))) or x  # noqa: E731
+    win = quantizers.StepWindow(q, fp, sigmas, {1})
+    # step 0: 10 and Heun's intermediate 4.5; step 1: 4 and 2; step 2: 1 and 0.5; σ above σ_0 counts with step 0
+    assert [win.step_of(s) for s in (12.0, 10.0, 4.5, 4.0, 2.0, 1.0, 0.5)] == [0, 0, 0, 1, 1, 2, 2]
+    for s in (10.0, 4.0, 2.0, 1.0):
+        win(torch.zeros(1), torch.tensor([s]))
+    assert calls == [("fp", 10.0), ("q", 4.0), ("q", 2.0), ("fp", 1.0)]
+
+
+def test_window_parsing_refuses_steps_outside_the_schedule():
+    assert quantizers.parse_windows("0-3, 5,7-7", 20) == {"0-3": range(0, 4), "5-5": range(5, 6), "7-7": range(7, 8)}
+    assert quantizers.parse_windows(None, 20) == {}
+    with pytest.raises(SystemExit, match="outside"):
+        quantizers.parse_windows("15-20", 20)
+    with pytest.raises(SystemExit, match="outside"):
+        quantizers.parse_windows("4-2", 20)
+    with pytest.raises(SystemExit, match="step range"):
+        quantizers.parse_windows("early", 20)
