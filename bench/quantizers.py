@@ -18,7 +18,8 @@ fallback to round-to-nearest on held-out statistics), ``gptq_nofb`` (no fallback
 ``gptq_rank`` / ``gptq_budget`` (GPTQ plus the ``--budget`` spent on int8 layers, low-rank branches,
 or both and the plan's 16-bit layers, weighted by each layer's measured sensitivity;
 ``gptq_budget_nokept`` without the plan's layers; ``gptq_budget_rel`` weighted by relative output
-error, no probe), ``all`` (every lever); ``gptq_budget_tuned`` / ``gptq_tuned`` / ``rtn_tuned``: that
+error, no probe; ``gptq_budget_x0`` probed in the denoised output's space instead of ε's), ``all``
+(every lever); ``gptq_budget_tuned`` / ``gptq_tuned`` / ``rtn_tuned`` / ``gptq_budget_x0_tuned``: that
 method followed by end-to-end tuning of the stored grid (``quant/tune.py``) on the calls the FP model
 made while sampling the calibration set (a tuned method run after its base in the same run tunes a
 copy of the base's model instead of solving it again); ``best``: the pack's default calibrated
@@ -87,11 +88,16 @@ METHODS: dict[str, CalibratedConfig | None] = {
     "all": CalibratedConfig(act_order="on", awq=True, budget=0.30),
     # the budget weighted by each layer's relative output error instead of the probe (no model runs)
     "gptq_budget_rel": CalibratedConfig(act_order="on", budget=0.30),
+    # the budget spent by a probe of the denoised output's error instead of ε's (session 11)
+    "gptq_budget_x0": CalibratedConfig(act_order="on", budget=0.30),
 }
 #: budgeted methods that do not run the sensitivity probe
 NO_PROBE = {"gptq_budget_rel"}
+#: budgeted methods whose probe measures the error of the denoised output D, not of ε (``layer_probe``'s ``space``)
+PROBE_X0 = {"gptq_budget_x0"}
 #: methods that are another method plus end-to-end tuning of the stored grid (``quant/tune.py``)
-TUNED = {"gptq_budget_tuned": "gptq_budget", "gptq_tuned": "gptq", "rtn_tuned": "rtn"}
+TUNED = {"gptq_budget_tuned": "gptq_budget", "gptq_tuned": "gptq", "rtn_tuned": "rtn",
+         "gptq_budget_x0_tuned": "gptq_budget_x0"}
 for _name, _base in TUNED.items():
     METHODS[_name] = METHODS[_base]
 #: the default calibrated quantizer (docs/BENCHMARKS.md, "Tuning the stored grid end to end"): GPTQ,
@@ -576,11 +582,13 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                         else:
                             qd = copy.deepcopy(ref.denoiser)
                             probe = None
-                            if mcfg.budget is not None and method not in NO_PROBE:
+                            base_name = TUNED.get(name, name)
+                            if mcfg.budget is not None and base_name not in NO_PROBE:
                                 if probe_set is None:
                                     probe_set = probe_calls(SAMPLERS[sampler], x0, sigmas, extra, samples=PROBE_SAMPLES,
                                                             noise_sampler_factory=factory, denoiser=ref.denoiser)
-                                probe = layer_probe(qd, qd.unet, probe_set, weight)
+                                probe = layer_probe(qd, qd.unet, probe_set, weight,
+                                                    space="x0" if base_name in PROBE_X0 else "eps")
                             report = quantize_calibrated(qd.unet, plans[preset], col["layers"], mcfg, sensitivity=probe)
                         if keep_bases and name not in TUNED and made is None:
                             solved[(preset, name)] = (copy.deepcopy(qd), report, time.perf_counter() - t1)

@@ -309,13 +309,27 @@ def probe_calls(sample_fn, x_init: torch.Tensor, sigmas: torch.Tensor, extra: di
     return calls
 
 
-def layer_probe(denoiser, module: nn.Module, calls: list, step_weight: Callable[[float], float] | None = None):
-    """``probe(name, weight) -> float``: the step-weighted mean squared ε error of ``denoiser`` over
+#: the output space the sensitivity probe measures its error in (see :func:`layer_probe`)
+PROBE_SPACES = ("eps", "x0")
+
+
+def layer_probe(denoiser, module: nn.Module, calls: list, step_weight: Callable[[float], float] | None = None,
+                space: str = "eps"):
+    """``probe(name, weight) -> float``: the step-weighted mean squared error of ``denoiser`` over
     ``calls`` when layer ``name`` of ``module`` computes with ``weight`` instead of its own: that
     layer's share of the (teacher-forced) error, the sensitivity the byte budget spends on.
-    The calls run batched in one forward; the layer's weight is restored after each probe."""
+    The calls run batched in one forward; the layer's weight is restored after each probe.
+
+    ``space``: ``"eps"`` (the default) measures the error of the noise prediction, ``(D − D_ref)/σ``;
+    ``"x0"`` that of the denoised output ``D`` itself, which is what a sampler step moves the latent
+    by and what the grid tuning (``quant/tune.py``) minimises. The two rank layers differently: ε
+    divides a call's error by σ², so the steps near x0 dominate it, while the samples that tip are
+    tipped by the first steps (σ ≥ 6 of 20; docs/BENCHMARKS.md, session 11), where ``"x0"`` puts
+    the weight."""
     if not calls:
         raise CalibrationError("the sensitivity probe needs at least one recorded model call")
+    if space not in PROBE_SPACES:
+        raise CalibrationError(f"unknown probe space {space!r}; known: {PROBE_SPACES}")
     x = torch.cat([c[0] for c in calls])
     sigma = torch.cat([c[1] for c in calls])
     keys = calls[0][2].keys()
@@ -332,7 +346,8 @@ def layer_probe(denoiser, module: nn.Module, calls: list, step_weight: Callable[
         old = layer.weight.data
         layer.weight.data = weight.detach().to(device=old.device, dtype=old.dtype).reshape(old.shape)
         try:
-            err = ((denoiser(x, sigma, **ex) - ref) / s4).pow(2).flatten(1).mean(1)
+            d = denoiser(x, sigma, **ex) - ref
+            err = (d / s4 if space == "eps" else d).pow(2).flatten(1).mean(1)
         finally:
             layer.weight.data = old
         return float((err * w).sum() / w.sum())

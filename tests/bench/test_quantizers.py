@@ -397,3 +397,20 @@ def test_window_parsing_refuses_steps_outside_the_schedule():
         quantizers.parse_windows("4-2", 20)
     with pytest.raises(SystemExit, match="step range"):
         quantizers.parse_windows("early", 20)
+
+
+def test_the_x0_probed_budget_asks_the_probe_for_the_denoised_outputs_error(monkeypatch):
+    spaces = []
+    real = quantizers.layer_probe
+
+    def spy(*a, space="eps", **k):
+        spaces.append(space)
+        return real(*a, space=space, **k)
+
+    monkeypatch.setattr(quantizers, "layer_probe", spy)
+    res = quantizers.run(["W4A16"], ["rtn", "gptq_budget", "gptq_budget_x0", "gptq_budget_x0_tuned"], ["euler"], [3.0],
+                         SEEDS, CALIB[:4], CLASSES, budget=0.33, tune=quantizers.TuneConfig(iterations=2), **SMALL)
+    # gptq_budget: eps; gptq_budget_x0: x0; its tuned twin tunes a copy of it (no second probe)
+    assert spaces == ["eps", "x0"]
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["gptq_budget_x0_tuned"]["tuning"]["iterations"] == 2 and "allocation" in rows["gptq_budget_x0"]

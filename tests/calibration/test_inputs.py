@@ -184,3 +184,32 @@ def test_guided_statistics_take_the_guided_combination_of_paired_halves():
     # guidance 1 (or calls that are not paired) leaves the statistics as they are
     same = collect_inputs(den, net, sample_euler, x0, SIGMAS, batch_size=4, holdout_every=0, guidance=1.0)["layers"]
     assert torch.equal(same["conv"].h_fit, plain["conv"].h_fit)
+
+
+def test_the_sensitivity_probe_measures_eps_or_denoised_error_and_restores_the_layer():
+    """``layer_probe``'s ``space``: ``eps`` divides each call's output error by σ (the steps near x0
+    dominate), ``x0`` does not (the first steps dominate); both step-weight the calls alike."""
+    from qcorrect.calibration.inputs import layer_probe
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 6))
+
+    def denoiser(x, sigma, **_):
+        return net(x)
+
+    calls = [(torch.randn(3, 6), torch.full((3,), s), {}) for s in (10.0, 0.5)]
+    weight = lambda s: 4.0 if s >= 3 else 1.0  # noqa: E731
+    orig = net[0].weight.detach().clone()
+    new = orig + 0.1 * torch.randn_like(orig)
+    eps = layer_probe(denoiser, net, calls, weight)("0", new)
+    x0 = layer_probe(denoiser, net, calls, weight, space="x0")("0", new)
+    assert torch.equal(net[0].weight, orig)  # the layer computes with its own weight again
+    with torch.no_grad():
+        errs = [(torch.nn.functional.linear(x, new, net[0].bias) - net(x)).pow(2).mean(1) for x, _, _ in calls]
+    w = torch.tensor([4.0] * 3 + [1.0] * 3)
+    e_eps = torch.cat([errs[0] / 100.0, errs[1] / 0.25])
+    e_x0 = torch.cat(errs)
+    assert eps == pytest.approx(float((e_eps * w).sum() / w.sum()), rel=1e-5)
+    assert x0 == pytest.approx(float((e_x0 * w).sum() / w.sum()), rel=1e-5)
+    with pytest.raises(CalibrationError, match="probe space"):
+        layer_probe(denoiser, net, calls, weight, space="v")
