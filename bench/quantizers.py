@@ -822,7 +822,8 @@ def main(args) -> int:
               windows=parse_windows(args.windows, args.steps),
               tune=TuneConfig(iterations=args.tune_iters, lr=args.tune_lr, early_weight=args.step_weight,
                               batch=args.tune_batch, draw=args.tune_draw, lowpass_weight=args.tune_lowpass,
-                              lowpass=args.tune_lowpass_k, seed=args.tune_seed))
+                              lowpass=args.tune_lowpass_k, seed=args.tune_seed,
+                              early_sigma=args.tune_early_sigma))
     print_result(res)
     if args.json:
         emit_json(res)
@@ -887,6 +888,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tune-lowpass", type=float, default=TuneConfig.lowpass_weight, metavar="W",
                    help="early calls' tuning loss also counts their error pooled over --tune-lowpass-k latent pixels, W times")
     p.add_argument("--tune-lowpass-k", type=int, default=TuneConfig.lowpass)
+    p.add_argument("--tune-early-sigma", type=float, default=TuneConfig.early_sigma, metavar="SIGMA",
+                   help="the grid tuning weights calls with σ ≥ SIGMA by --step-weight (the input statistics keep σ ≥ 3)")
     p.add_argument("--tune-seed", type=int, default=TuneConfig.seed,
                    help="seed of the tuning's call order (and sub-sampling): how much the result depends on it")
     p.add_argument("--tune-batch", type=int, default=TuneConfig.batch,

@@ -340,16 +340,17 @@ def test_the_tuning_and_relax_flags_reach_the_run(monkeypatch):
     quantizers.add_parser(parser.add_subparsers())
     args = parser.parse_args(["quantizers", "--seeds", "1000-1003", "--calib-seeds", "0-3", "--tune-seed", "3",
                               "--tune-lowpass", "2.5", "--tune-lowpass-k", "3", "--tune-iters", "7",
-                              "--relax", "0.35", "--relax-bits", "9", "--windows", "0-3,4-19"])
+                              "--relax", "0.35", "--relax-bits", "9", "--windows", "0-3,4-19",
+                              "--tune-early-sigma", "6"])
     assert quantizers.main(args) == 0
     tune = seen["tune"]
-    assert (tune.seed, tune.lowpass_weight, tune.lowpass, tune.iterations) == (3, 2.5, 3, 7)
+    assert (tune.seed, tune.lowpass_weight, tune.lowpass, tune.iterations, tune.early_sigma) == (3, 2.5, 3, 7, 6.0)
     assert seen["relax"] == (0.35, "xT", 9)
     assert seen["windows"] == {"0-3": range(0, 4), "4-19": range(4, 20)}
     args = parser.parse_args(["quantizers", "--seeds", "1000-1003", "--calib-seeds", "0-3"])
     quantizers.main(args)
     assert seen["relax"] is None and seen["tune"].lowpass_weight == 0.0 and seen["tune"].seed == 0
-    assert seen["windows"] == {}
+    assert seen["windows"] == {} and seen["tune"].early_sigma == 3.0
 
 
 def test_step_windows_run_the_quantized_model_on_their_steps_only():
