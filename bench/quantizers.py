@@ -98,6 +98,11 @@ PROBE_X0 = {"gptq_budget_x0"}
 #: methods that are another method plus end-to-end tuning of the stored grid (``quant/tune.py``)
 TUNED = {"gptq_budget_tuned": "gptq_budget", "gptq_tuned": "gptq", "rtn_tuned": "rtn",
          "gptq_budget_x0_tuned": "gptq_budget_x0"}
+TUNED["gptq_budget_jtuned"] = "gptq_budget"
+#: tuned methods whose loss adds the flow-Jacobian term (``TuneConfig.jacobian_weight``; session 13)
+JACOBIAN_TUNED = {"gptq_budget_jtuned"}
+#: their default weight μ and sketches per calibration sample (``--tune-jacobian``, ``--adjoints``)
+JACOBIAN_WEIGHT, ADJOINTS = 1.0, 4
 for _name, _base in TUNED.items():
     METHODS[_name] = METHODS[_base]
 #: the default calibrated quantizer (docs/BENCHMARKS.md, "Tuning the stored grid end to end"): GPTQ,
@@ -492,7 +497,8 @@ def _relax(unet, plan, sigmas, relax) -> None:
 def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20, scheduler="normal", budget=0.30,
         step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False, rows_per_k=DEFAULT_ROWS_PER_K,
         budget_extra=None, corrections=(), correct_on=("best",), damp=None, calib_sets=1, amplitudes=(),
-        own_error=False, guided=False, tune=None, act_ranges=None, relax=None, windows=None):
+        own_error=False, guided=False, tune=None, act_ranges=None, relax=None, windows=None,
+        jacobian=(JACOBIAN_WEIGHT, ADJOINTS)):
     """``budget``: the budgeted methods' cap, × each model's fp16 bytes; with ``budget_extra`` the cap is
     instead each model's round-to-nearest ratio plus that much (the same headroom on the reference
     model and on the SD1.5-shaped UNet, whose fixed 16-bit share differs tenfold). ``corrections``:
@@ -513,9 +519,13 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
     windows (:func:`parse_windows`); every row of the first calibration set (analysis rows excepted) is
     also sampled with its quantized model on each window's steps only and FP on the others
     (:func:`_window_fields`): where along the trajectory its final error is made, and whether the
-    samples it tips are tipped by one window or by several together."""
+    samples it tips are tipped by one window or by several together. ``jacobian``: ``(μ, sketches)`` of the
+    methods in :data:`JACOBIAN_TUNED` (their recorded calls carry that many flow-adjoint sketches; the
+    time those take counts in their calibration time only)."""
     if calib_sets < 1:
         raise SystemExit("--calib-sets must be at least 1")
+    if any(m in JACOBIAN_TUNED for m in methods) and (jacobian[1] < 1 or not jacobian[0] >= 0):
+        raise SystemExit(f"the Jacobian-tuned methods need --adjoints ≥ 1 and --tune-jacobian ≥ 0, got {jacobian}")
     all_calib = [s + k * len(calib_seeds) for k in range(calib_sets) for s in calib_seeds]
     check_disjoint(all_calib, seeds)
     ref = load_reference()
@@ -550,12 +560,15 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                                          noise_sampler_factory=factory, step_weight=weight, batch_size=16,
                                          rows_per_k=rows_per_k, guidance=cfg_scale if guided else None,
                                          record_calls=any(resolve_method(m) in TUNED for m in methods),
+                                         adjoints=jacobian[1] if any(m in JACOBIAN_TUNED for m in methods) else 0,
                                          progress=lambda d, t: log(f"# {sampler} cfg {cfg_scale}: input statistics, "
                                                                    f"batch {d}/{t}"))
                 if col["layers"]:
                     collections.append({"sampler": sampler, "cfg": cfg_scale, "calib_set": k,
                                         "seconds": round(col["seconds"], 1), "peak_stats_bytes": col["peak_stats_bytes"],
-                                        "n_fit": col["n_fit"], "n_hold": col["n_hold"]})
+                                        "n_fit": col["n_fit"], "n_hold": col["n_hold"],
+                                        **({"adjoint_seconds": round(col["adjoint_seconds"], 1)}
+                                           if "adjoint_seconds" in col else {})})
                     log(f"# {sampler} cfg {cfg_scale}: input statistics of {len(cal)} calibration samples (set {k}) in "
                         f"{col['seconds']:.1f} s ({col['peak_stats_bytes'] / 2**20:.0f} MiB)")
                 probe_set = None
@@ -595,7 +608,10 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                         qden = SigmaScopedDenoiser(qd, qd.unet)
                         tuned = None
                         if name in TUNED:
-                            tuned = tune_grid(qden, qd.unet, col["calls"]["fit"], col["calls"]["hold"], tune or TuneConfig(),
+                            tcfg = tune or TuneConfig()
+                            if name in JACOBIAN_TUNED:
+                                tcfg = replace(tcfg, jacobian_weight=jacobian[0])
+                            tuned = tune_grid(qden, qd.unet, col["calls"]["fit"], col["calls"]["hold"], tcfg,
                                               progress=lambda d, t: d % 50 == 0 and log(f"# {sampler} cfg {cfg_scale}: "
                                                                                         f"{method} tuning {d}/{t}"))
                             log(f"# {sampler} cfg {cfg_scale}: {preset} {method}: grid tuned in {tuned['seconds']:.0f} s, "
@@ -613,7 +629,9 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                                **summary(lat, lat_fp, img, img_fp, labels, ref.classifier),
                                **_tail(per),
                                "bytes_ratio": round(resident_bytes(copy.deepcopy(qd.unet).half()) / fp16_ref, 4),
-                               "calib_seconds": 0.0 if mcfg is None and tuned is None else round(col["seconds"] + solve, 1),
+                               "calib_seconds": 0.0 if mcfg is None and tuned is None else round(
+                                   col["seconds"] - (0.0 if name in JACOBIAN_TUNED else col.get("adjoint_seconds", 0.0))
+                                   + solve, 1),
                                "solve_seconds": round(solve, 1), "sample_seconds": round(time.perf_counter() - t2, 1)}
                         errs = _step_errors(qden, states, own)
                         key = (preset, method)
@@ -823,7 +841,8 @@ def main(args) -> int:
               tune=TuneConfig(iterations=args.tune_iters, lr=args.tune_lr, early_weight=args.step_weight,
                               batch=args.tune_batch, draw=args.tune_draw, lowpass_weight=args.tune_lowpass,
                               lowpass=args.tune_lowpass_k, seed=args.tune_seed,
-                              early_sigma=args.tune_early_sigma))
+                              early_sigma=args.tune_early_sigma),
+              jacobian=(args.tune_jacobian, args.adjoints))
     print_result(res)
     if args.json:
         emit_json(res)
@@ -890,6 +909,10 @@ def add_parser(sub) -> None:
     p.add_argument("--tune-lowpass-k", type=int, default=TuneConfig.lowpass)
     p.add_argument("--tune-early-sigma", type=float, default=TuneConfig.early_sigma, metavar="SIGMA",
                    help="the grid tuning weights calls with σ ≥ SIGMA by --step-weight (the input statistics keep σ ≥ 3)")
+    p.add_argument("--tune-jacobian", type=float, default=JACOBIAN_WEIGHT, metavar="MU",
+                   help="weight of the flow-Jacobian term in the tuning loss of the *_jtuned methods")
+    p.add_argument("--adjoints", type=int, default=ADJOINTS, metavar="K",
+                   help="flow-adjoint sketches per calibration sample for the *_jtuned methods")
     p.add_argument("--tune-seed", type=int, default=TuneConfig.seed,
                    help="seed of the tuning's call order (and sub-sampling): how much the result depends on it")
     p.add_argument("--tune-batch", type=int, default=TuneConfig.batch,

@@ -203,7 +203,7 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
                    batch_size: int = 16, step_weight: Callable[[float], float] | None = None,
                    max_bytes: int | None = None, max_rows: int | None = None, rows_per_k: float | None = None,
                    chunk_elems: int = 1 << 24, guidance: float | None = None, record_calls: bool = False,
-                   seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict:
+                   adjoints: int = 0, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict:
     """Sample ``denoiser`` (FP, the denoiser protocol) from ``x_init`` ``[N, C, H, W]`` over ``sigmas``
     with ``sample_fn`` and return ``{"layers": {name: LayerInputs}, "seconds", "passes", "peak_stats_bytes",
     "n_fit", "n_hold"}``.
@@ -216,6 +216,10 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
     ``record_calls``: also return ``"calls": {"fit": [...], "hold": [...]}``, every model call of the first
     pass as ``(x, sigma, extra, D_fp)`` (what ``quant.tune.tune_grid`` fits the grid to; the states
     and outputs of the FP trajectories, ``N·steps·latent`` values each).
+
+    ``adjoints`` (with ``record_calls``): that many sketches of each call's flow Jacobian, appended to
+    every recorded call as a fifth element (:func:`flow_adjoints`; each batch is sampled once more,
+    with autograd, for the sketches' backward passes; ``"adjoint_seconds"`` in the result says how long).
 
     ``guidance``: the CFG scale ``s`` of the sampling, for *guided* second moments. A call whose
     batch is twice the model call's (the denoiser batching ``[uncond; cond]``, as the reference
@@ -257,8 +261,10 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
         c = [v for v in (max_rows, None if not rows_per_k else max(64, int(rows_per_k * _k(m) / calls + 1))) if v]
         caps[name] = min(c) if c else None
     calls: dict[str, list] = {"fit": [], "hold": []}
+    adjoint_seconds = 0.0
     for gi, group in enumerate(groups):
         recording = record_calls and gi == 0
+        spans: list = []  # (split, sample indices, extra, index of its first recorded call) per batch
         acc = _Accumulator({g: chosen[g] for g in group}, caps, chunk_elems, seed)
         acc.guidance = None if guidance is None or float(guidance) == 1.0 else float(guidance)
 
@@ -279,14 +285,70 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
                 ex = {k: (v[sel] if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == n else v)
                       for k, v in extra.items()}
                 opts = {} if noise_sampler_factory is None else {"noise_sampler": noise_sampler_factory(idx)}
+                spans.append((split, idx, ex, len(calls[split])))
                 sample_fn(model, x_init[sel], sigmas, ex, None, True, **opts)
                 done += 1
                 if progress is not None:
                     progress(done, total)
         result.update(acc.finish())
+        if recording and adjoints:  # outside the hooks' scope: these passes must not enter the sums
+            ta = time.perf_counter()
+            for b, (split, idx, ex, first) in enumerate(spans):
+                end = spans[b + 1][3] if b + 1 < len(spans) and spans[b + 1][0] == split else len(calls[split])
+                opts = {} if noise_sampler_factory is None else {"noise_sampler": noise_sampler_factory(idx)}
+                adj = flow_adjoints(denoiser, sample_fn, x_init[torch.tensor(idx)], sigmas, ex, adjoints,
+                                    seed=seed * 1_000_003 + idx[0], **opts)
+                if len(adj) != end - first:
+                    raise CalibrationError(f"the differentiable pass made {len(adj)} model calls, the recorded "
+                                           f"pass {end - first}: the sampler is not deterministic")
+                calls[split][first:end] = [c + (a,) for c, a in zip(calls[split][first:end], adj)]
+            adjoint_seconds = time.perf_counter() - ta
     return {"layers": result, "seconds": time.perf_counter() - t0, "passes": len(groups),
+            **({"adjoint_seconds": adjoint_seconds} if record_calls and adjoints else {}),
             "peak_stats_bytes": max(sum(sizes[g] for g in group) for group in groups),
             "n_fit": len(fit), "n_hold": len(hold), **({"calls": calls} if record_calls else {})}
+
+
+def flow_adjoints(denoiser, sample_fn, x_init: torch.Tensor, sigmas: torch.Tensor, extra: dict | None = None,
+                  sketches: int = 4, *, seed: int = 0, **sampler_opts) -> list[torch.Tensor]:
+    """Sketches of how each model call's output reaches the final latent, along the FP trajectory.
+
+    Sampling ``x_init`` with ``sample_fn`` makes calls ``D_k = denoiser(x_k, σ_k)`` and ends at ``x_N``.
+    For ``u_j ~ N(0, I)`` (``j < sketches``, seeded) this returns, per call ``k``, the tensor
+    ``g_k[j] = ∂(u_j · x_N)/∂D_k`` (shape ``[sketches, *D_k.shape]``): the transposed Jacobian of the rest
+    of the sampling — the sampler's own update and every later model call, differentiated through —
+    applied to random directions. For a small error ``δ`` in ``D_k`` alone, ``x_N`` moves by ``J_k δ``
+    and ``E_u[(g_k · δ)²] = ‖J_k δ‖²`` per sample: the error the final sample receives, where the
+    one-step loss sees only ``‖δ‖²``. One backward pass per sketch gives every call's ``g`` at once.
+
+    Choices: the Jacobian is the FP flow's, at the FP trajectory (first order: a quantized model's
+    trajectory stays close to it except on the samples that tip); Gaussian sketches, so the estimate is
+    unbiased and costs ``sketches`` backward passes whatever the latent size; ``sample_fn``'s
+    ``no_grad`` decorator is looked through (``__wrapped__``) so the sampler's arithmetic is in the
+    graph — the package's samplers, like k-diffusion's, update ``x`` out of place. Gradients of the
+    model's own parameters are never computed (``torch.autograd.grad`` with the outputs as inputs).
+    """
+    inner = getattr(sample_fn, "__wrapped__", sample_fn)
+    outs: list[torch.Tensor] = []
+
+    def model(x, sigma, **ex):
+        out = denoiser(x, sigma, **ex)
+        outs.append(out)
+        return out
+
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.enable_grad():
+        x0 = x_init.detach().clone().requires_grad_(True)  # every call's output then lies in the graph
+        x_n = inner(model, x0, sigmas, dict(extra or {}), None, True, **sampler_opts)
+        if x_n.grad_fn is None:
+            raise CalibrationError("the sampler is not differentiable (no autograd graph to the final latent)")
+        result = [torch.empty((sketches, *o.shape), dtype=torch.float32) for o in outs]
+        for j in range(sketches):
+            u = torch.randn(x_n.shape, generator=gen).to(x_n)
+            grads = torch.autograd.grad((x_n * u).sum(), outs, retain_graph=j < sketches - 1, allow_unused=True)
+            for r, g in zip(result, grads):
+                r[j] = 0.0 if g is None else g.float()
+    return result
 
 
 @torch.no_grad()

@@ -73,6 +73,7 @@ class TuneConfig:
     draw: str = "uniform"
     lowpass_weight: float = 0.0
     lowpass: int = 2
+    jacobian_weight: float = 0.0
 
     def validate(self) -> "TuneConfig":
         if self.iterations < 1:
@@ -85,6 +86,8 @@ class TuneConfig:
             raise QuantizationError(f"unknown tuning draw {self.draw!r}; known: {DRAWS}")
         if not self.lowpass_weight >= 0 or not math.isfinite(self.lowpass_weight):
             raise QuantizationError(f"the low-pass weight must be finite and ≥ 0, got {self.lowpass_weight!r}")
+        if not self.jacobian_weight >= 0 or not math.isfinite(self.jacobian_weight):
+            raise QuantizationError(f"the Jacobian weight must be finite and ≥ 0, got {self.jacobian_weight!r}")
         if self.lowpass < 1:
             raise QuantizationError(f"the low-pass pooling factor must be ≥ 1, got {self.lowpass!r}")
         if self.batch < 0:
@@ -210,7 +213,7 @@ def _subsample(call, batch: int, gen: torch.Generator):
     the target, ``sigma`` if it is per sample and every tensor of ``extra`` whose first dimension is the
     call's batch are indexed alike; anything else (a scalar σ, the CFG scale, conditioning a guider
     broadcasts to the batch of ``x``) is passed as it is."""
-    x, sigma, extra, target = call
+    x, sigma, extra, target, *adj = call
     n = int(x.shape[0])
     if not batch or batch >= n:
         return call
@@ -218,7 +221,8 @@ def _subsample(call, batch: int, gen: torch.Generator):
 
     def take(v):
         return v[idx.to(v.device)] if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == n else v
-    return take(x), take(sigma), {k: take(v) for k, v in extra.items()}, take(target)
+    return (take(x), take(sigma), {k: take(v) for k, v in extra.items()}, take(target),
+            *(a[:, idx.to(a.device)] for a in adj))
 
 
 def _is_early(call, cfg: TuneConfig) -> bool:
@@ -237,8 +241,15 @@ def _call_loss(denoiser, call, cfg: TuneConfig, weight: float | None = None) -> 
     of the trajectory, which keeps the coarse structure an early step sets and denoises its fine detail
     away, so the low frequencies of an early error might be what tips a sample; the pooled term weights
     them more without a Jacobian of the flow. Measured on the reference model (docs/BENCHMARKS.md,
-    session 10) it was worse (−2.2 and −7.3 points of gap closed at CFG 3), so it is off by default."""
-    x, sigma, extra, target = call
+    session 10) it was worse (−2.2 and −7.3 points of gap closed at CFG 3), so it is off by default.
+
+    With ``jacobian_weight`` μ > 0 every call (each recorded with its flow adjoints ``g``, see
+    ``calibration.inputs.flow_adjoints``) adds ``μ·mean_{j,n}(g_jn · δ_n)² / numel(δ_n)``: an unbiased
+    estimate of the latent MSE that this call's error alone, carried to first order by the FP flow
+    through the rest of the sampling, leaves in the final sample. It is the Jacobian the low-pass term
+    guessed at, measured instead; not multiplied by ``w(σ)``, since the flow already says how much
+    each step's error grows. Off by default."""
+    x, sigma, extra, target, *adj = call
     out = denoiser(x, sigma, **extra)
     early = _is_early(call, cfg)  # one host read of σ per call, for the weight and the low-pass term
     w = (cfg.early_weight if early else 1.0) if weight is None else weight
@@ -246,6 +257,13 @@ def _call_loss(denoiser, call, cfg: TuneConfig, weight: float | None = None) -> 
     loss = d.pow(2).mean()
     if cfg.lowpass_weight > 0 and d.ndim == 4 and early:
         loss = loss + cfg.lowpass_weight * torch.nn.functional.avg_pool2d(d, cfg.lowpass, ceil_mode=True).pow(2).mean()
+    if cfg.jacobian_weight > 0:
+        if not adj:
+            raise QuantizationError("the Jacobian-weighted loss needs each recorded call's flow adjoints "
+                                    "(calibration.inputs.collect_inputs with adjoints > 0)")
+        g = adj[0].to(d.device)  # [sketches, batch, ...]: ∂(u_j·x_N)/∂D for this call's samples
+        proj = (g.float() * d.unsqueeze(0)).flatten(2).sum(-1)  # u_j · J δ per sketch and sample
+        return w * loss + cfg.jacobian_weight * proj.pow(2).mean() / d[0].numel()
     return w * loss
 
 
@@ -339,6 +357,7 @@ def tune_grid(denoiser, module: nn.Module, fit_calls: list, hold_calls: list, co
             note = (f"held-out loss {after_hold:.4g} ≥ {before_hold:.4g} before tuning; the grid was restored")
     report = {"kept": kept, "iterations": cfg.iterations, "batch": cfg.batch, "draw": cfg.draw, "layers": len(layers), "lr": cfg.lr,
               **({"lowpass_weight": cfg.lowpass_weight, "lowpass": cfg.lowpass} if cfg.lowpass_weight else {}),
+              **({"jacobian_weight": cfg.jacobian_weight} if cfg.jacobian_weight else {}),
               "train_loss_first": sum(losses[:tenth]) / tenth, "train_loss_last": sum(losses[-tenth:]) / tenth,
               "hold_loss_before": before_hold, "hold_loss_after": after_hold,
               "seconds": round(time.perf_counter() - t0, 2)}

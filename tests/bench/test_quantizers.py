@@ -341,8 +341,9 @@ def test_the_tuning_and_relax_flags_reach_the_run(monkeypatch):
     args = parser.parse_args(["quantizers", "--seeds", "1000-1003", "--calib-seeds", "0-3", "--tune-seed", "3",
                               "--tune-lowpass", "2.5", "--tune-lowpass-k", "3", "--tune-iters", "7",
                               "--relax", "0.35", "--relax-bits", "9", "--windows", "0-3,4-19",
-                              "--tune-early-sigma", "6"])
+                              "--tune-early-sigma", "6", "--tune-jacobian", "30", "--adjoints", "2"])
     assert quantizers.main(args) == 0
+    assert seen["jacobian"] == (30.0, 2)
     tune = seen["tune"]
     assert (tune.seed, tune.lowpass_weight, tune.lowpass, tune.iterations, tune.early_sigma) == (3, 2.5, 3, 7, 6.0)
     assert seen["relax"] == (0.35, "xT", 9)
@@ -351,6 +352,26 @@ def test_the_tuning_and_relax_flags_reach_the_run(monkeypatch):
     quantizers.main(args)
     assert seen["relax"] is None and seen["tune"].lowpass_weight == 0.0 and seen["tune"].seed == 0
     assert seen["windows"] == {} and seen["tune"].early_sigma == 3.0
+    assert seen["jacobian"] == (quantizers.JACOBIAN_WEIGHT, quantizers.ADJOINTS) and seen["tune"].jacobian_weight == 0.0
+
+
+def test_the_jacobian_tuned_method_tunes_a_copy_of_the_same_base_on_calls_with_adjoints(monkeypatch):
+    asked = []
+    real = quantizers.collect_inputs
+    monkeypatch.setattr(quantizers, "collect_inputs", lambda *a, **k: asked.append(k["adjoints"]) or real(*a, **k))
+    tune = quantizers.TuneConfig(iterations=4)
+    res = quantizers.run(["W4A16"], ["rtn", "gptq_budget_tuned", "gptq_budget_jtuned"], ["euler"], [3.0], SEEDS,
+                         CALIB[:4], CLASSES, budget=0.33, tune=tune, jacobian=(50.0, 2), **SMALL)
+    rows = {r["method"]: r for r in res["rows"]}
+    plain, jac = rows["gptq_budget_tuned"], rows["gptq_budget_jtuned"]
+    assert asked == [2]
+    assert jac["tuning"]["jacobian_weight"] == 50.0 and "jacobian_weight" not in plain["tuning"]
+    assert jac["bytes_ratio"] == plain["bytes_ratio"] and jac["allocation"] == plain["allocation"]  # one base
+    assert jac["tuning"]["hold_loss_before"] > plain["tuning"]["hold_loss_before"]  # the term is in the loss
+    assert res["collections"][0]["adjoint_seconds"] > 0  # counted in the Jacobian-tuned row's calibration only
+    with pytest.raises(SystemExit, match="adjoints"):
+        quantizers.run(["W4A16"], ["rtn", "gptq_budget_jtuned"], ["euler"], [3.0], SEEDS, CALIB[:4], CLASSES,
+                       jacobian=(1.0, 0), **SMALL)
 
 
 def test_step_windows_run_the_quantized_model_on_their_steps_only():

@@ -213,3 +213,57 @@ def test_the_sensitivity_probe_measures_eps_or_denoised_error_and_restores_the_l
     assert x0 == pytest.approx(float((e_x0 * w).sum() / w.sum()), rel=1e-5)
     with pytest.raises(CalibrationError, match="probe space"):
         layer_probe(denoiser, net, calls, weight, space="v")
+
+
+def test_flow_adjoints_are_the_transposed_jacobian_of_the_rest_of_the_sampling():
+    """``flow_adjoints`` gives, per call k, ``g_k[j] = ∂(u_j·x_N)/∂D_k``: checked against a finite
+    difference (a perturbation of one call's output carried through the rest of the sampling, later
+    model calls included), for euler and the two-step dpmpp_2m; for euler the last call's output is
+    the final latent, so its adjoint is the sketch direction u itself."""
+    from qcorrect.calibration.inputs import flow_adjoints
+    from qcorrect.reference.samplers import sample_dpmpp_2m
+
+    net = Net().double()
+    den = Denoiser(net)
+    x0 = start(3).double()
+    sigmas = SIGMAS.double()
+    for fn in (sample_euler, sample_dpmpp_2m):
+        adj = flow_adjoints(den, fn, x0, sigmas, sketches=2, seed=5)
+        assert len(adj) == len(sigmas) - 1 and adj[0].shape == (2, *x0.shape)
+        u = adj[-1]  # x_N = D_last (euler, and dpmpp_2m's first-order last step)
+        assert not torch.equal(u[0], u[1])
+        for k in range(len(sigmas) - 1):
+            delta = 1e-6 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+            seen = []
+
+            def bumped(x, sigma, **e):
+                out = den(x, sigma, **e)
+                seen.append(None)
+                return out + delta if len(seen) == k + 1 else out
+            with torch.no_grad():
+                moved = fn(bumped, x0, sigmas) - fn(den, x0, sigmas)
+            for j in range(2):
+                want = float((u[j].double() * moved).sum())
+                got = float((adj[k][j].double() * delta).sum())
+                assert got == pytest.approx(want, rel=1e-3, abs=1e-12)
+        again = flow_adjoints(den, fn, x0, sigmas, sketches=2, seed=5)
+        assert all(torch.equal(a, b) for a, b in zip(adj, again))  # seeded
+
+
+def test_recorded_calls_carry_their_adjoints_and_the_statistics_are_unchanged():
+    net = Net()
+    x0 = start()
+    den = Denoiser(net)
+    plain = collect_inputs(den, net, sample_euler, x0, SIGMAS, batch_size=2, record_calls=True)
+    res = collect_inputs(den, net, sample_euler, x0, SIGMAS, batch_size=2, record_calls=True, adjoints=3)
+    for name, s in plain["layers"].items():  # the differentiable passes run outside the hooks
+        assert torch.equal(s.h_fit, res["layers"][name].h_fit) and s.calls == res["layers"][name].calls
+    assert res["adjoint_seconds"] > 0 and "adjoint_seconds" not in plain
+    for split in ("fit", "hold"):
+        assert len(res["calls"][split]) == len(plain["calls"][split])
+        for c, p in zip(res["calls"][split], plain["calls"][split]):
+            assert len(c) == 5 and len(p) == 4 and torch.equal(c[3], p[3])
+            assert c[4].shape == (3, *c[3].shape) and bool(c[4].abs().sum() > 0)
+    # a micro-batch's last call (σ → 0, euler) moves the final latent one for one: its adjoint is u
+    last = res["calls"]["fit"][len(SIGMAS) - 2]
+    assert float(last[4].pow(2).mean()) == pytest.approx(1.0, rel=0.5)
