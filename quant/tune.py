@@ -248,7 +248,9 @@ def _call_loss(denoiser, call, cfg: TuneConfig, weight: float | None = None) -> 
     estimate of the latent MSE that this call's error alone, carried to first order by the FP flow
     through the rest of the sampling, leaves in the final sample. It is the Jacobian the low-pass term
     guessed at, measured instead; not multiplied by ``w(σ)``, since the flow already says how much
-    each step's error grows. Off by default."""
+    each step's error grows. Measured on the reference model (docs/BENCHMARKS.md, session 13) it was
+    worse on euler CFG 3 (−3.8 points of gap closed) and did not carry to held-out samples on
+    dpmpp_2m, so it is off by default."""
     x, sigma, extra, target, *adj = call
     out = denoiser(x, sigma, **extra)
     early = _is_early(call, cfg)  # one host read of σ per call, for the weight and the low-pass term
