@@ -90,6 +90,8 @@ METHODS: dict[str, CalibratedConfig | None] = {
     "gptq_budget_rel": CalibratedConfig(act_order="on", budget=0.30),
     # the budget spent by a probe of the denoised output's error instead of ε's (session 11)
     "gptq_budget_x0": CalibratedConfig(act_order="on", budget=0.30),
+    # mixed precision both ways (session 15): insensitive layers lowered to 3 bits pay for more int8
+    "gptq_mixed": CalibratedConfig(act_order="on", budget=0.30, budget_options=("int8", "rank", "kept", "uint3")),
 }
 #: budgeted methods that do not run the sensitivity probe
 NO_PROBE = {"gptq_budget_rel"}
@@ -97,7 +99,7 @@ NO_PROBE = {"gptq_budget_rel"}
 PROBE_X0 = {"gptq_budget_x0"}
 #: methods that are another method plus end-to-end tuning of the stored grid (``quant/tune.py``)
 TUNED = {"gptq_budget_tuned": "gptq_budget", "gptq_tuned": "gptq", "rtn_tuned": "rtn",
-         "gptq_budget_x0_tuned": "gptq_budget_x0"}
+         "gptq_budget_x0_tuned": "gptq_budget_x0", "gptq_mixed_tuned": "gptq_mixed"}
 TUNED["gptq_budget_jtuned"] = "gptq_budget"
 #: tuned methods whose loss adds the flow-Jacobian term (``TuneConfig.jacobian_weight``; session 13)
 JACOBIAN_TUNED = {"gptq_budget_jtuned"}
@@ -658,7 +660,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                             row["summary"] = report["summary"]
                             if report.get("allocation"):
                                 a = report["allocation"]
-                                row["allocation"] = {f: a[f] for f in ("int8", "ranks", "kept_int8", "spent_bytes", "weighting")
+                                row["allocation"] = {f: a[f] for f in ("int8", "uint3", "ranks", "kept_int8", "spent_bytes", "weighting")
                                                      if f in a}
                                 if "note" in a:
                                     row["allocation"]["note"] = a["note"]

@@ -17,11 +17,29 @@ sensitivity is the layer's measured share of the end-to-end error (a probe that 
 layer alone, e.g. ``calibration.inputs.layer_sensitivity``), or, without a probe, the layer's
 relative output error ``err/‖W x‖²`` (every layer's output counted alike). A layer raised to int8
 gives back the ranks it had. Branches are kept only where they lower the held-out error.
+
+* ``uint3`` (mixed precision in both directions, :func:`_allocate_mixed`): a 4-bit group layer may
+  also go *down* to 3-bit codes with the same groups (``uint3_gG``: 3.5 instead of 4.5 bits per
+  weight at G = 64), which frees bytes for the layers that matter. On the reference model the
+  probe finds the layers' shares of the end-to-end error spread over five orders of magnitude (the
+  14×14 convolutions and skips ~10⁻⁵, the time-embedding projections ~10⁻¹⁰), so a layer whose
+  error barely reaches the sample can pay for another's int8. With downgrades a greedy pass over
+  "benefit per byte" no longer fits (an item can free bytes at a cost), so every layer picks one
+  of its precisions — 3-bit, its own 4-bit type, int8; for the plan's 16-bit layers int8 or
+  16-bit — by a Lagrangian relaxation of the multiple-choice knapsack: each layer minimises
+  ``sensitivity·error + λ·bytes`` and ``λ`` is bisected to the smallest value whose choices fit
+  the budget; bytes the rounding of ``λ`` leaves are then spent greedily on single upgrades and
+  on ranks, as above. The 3-bit error used to choose is the layer's own 4-bit error times the
+  ratio of the two precisions' round-to-nearest errors on the held-out inputs (GPTQ gains about as
+  much at both); the chosen layers are then solved at 3 bits for real (:func:`apply_allocation`).
+  Layers with input scales (AWQ) keep their precision, since their scales were searched for it.
+  Without ``uint3`` the greedy allocation above runs unchanged.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 
 import torch
 from torch import nn
@@ -29,7 +47,7 @@ from torch import nn
 from .lowrank import branch_bytes, factors, weighted_svd
 from .gptq import output_error
 from .qtypes import qtype
-from .weights import blob_nbytes, dequantize_weight, input_size, quantize_weight
+from .weights import blob_nbytes, dequantize_weight, input_size, misfit, quantize_weight
 
 RANK_STEP = 4
 
@@ -57,7 +75,8 @@ def _channels(m: nn.Module) -> int:
 
 
 def allocate(module, plan, floats: dict, solutions: dict, inputs: dict, cfg, sensitivity=None) -> dict:
-    """Choose int8 layers and ranks under ``cfg.budget``; returns the allocation report."""
+    """Choose int8 (and, with ``uint3``, 3-bit) layers and ranks under ``cfg.budget``; returns the
+    allocation report."""
     total_fp16 = fp16_bytes(module)
     base = total_fp16
     savings = {}  # the plan's 16-bit layers: bytes freed by storing them at int8 (all start there)
@@ -77,7 +96,7 @@ def allocate(module, plan, floats: dict, solutions: dict, inputs: dict, cfg, sen
     if headroom < 0 and savings:  # not even the plan's own layers fit: they stay as the plan says
         report["base_bytes"] = base + sum(savings.values())
         savings = {}
-    if headroom <= 0:
+    if headroom <= 0 and "uint3" not in cfg.budget_options:
         report["kept_16bit"] = sorted(n for n, sol in solutions.items() if sol.kept)
         report["note"] = (f"the plan's quantized model already takes {base / total_fp16:.4f}× fp16 ≥ the budget "
                           f"{cfg.budget:.4f}×: nothing to spend")
@@ -90,6 +109,8 @@ def allocate(module, plan, floats: dict, solutions: dict, inputs: dict, cfg, sen
             weights[name] = float(sensitivity.get(name, 0.0)) / sol.err_hold
         else:
             weights[name] = 1.0 / max(sol.out_energy_hold, 1e-30)
+    if "uint3" in cfg.budget_options:
+        return _allocate_mixed(report, floats, solutions, inputs, cfg, weights, savings, headroom, total_fp16, base)
     heap = []  # (−benefit per byte, tiebreak, kind, name, payload)
     for name, cost in savings.items():  # keeping a plan layer at 16-bit removes its int8 error
         sol = solutions[name]
@@ -144,6 +165,136 @@ def allocate(module, plan, floats: dict, solutions: dict, inputs: dict, cfg, sen
     return report
 
 
+def lower_type(weight_type: str, shape) -> str | None:
+    """The 3-bit type a 4-bit group layer may go down to (same groups), or ``None``."""
+    qt = qtype(weight_type)
+    if qt.bits != 4 or qt.symmetric or not qt.group_size:
+        return None
+    low = f"uint3_g{qt.group_size}"
+    return low if misfit(qtype(low), input_size(shape)) is None else None
+
+
+def _rtn_error(w2: torch.Tensor, weight_type: str, h: torch.Tensor) -> float:
+    qt = qtype(weight_type)
+    return output_error(w2, dequantize_weight(quantize_weight(w2, qt), qt, w2.shape, torch.float32), h)
+
+
+def _allocate_mixed(report, floats, solutions, inputs, cfg, weights, savings, headroom, total_fp16, base) -> dict:
+    """The ``uint3`` allocation (module docstring): every layer picks 3-bit, its own type or int8 (the
+    plan's 16-bit layers int8 or 16-bit) by a Lagrangian relaxation under the headroom, then single
+    upgrades and ranks spend what is left."""
+    # per layer: [(option, extra bytes over its starting point, weighted error)], starting point first
+    options: dict[str, list[tuple[str, int, float]]] = {}
+    fixed = 0  # bytes of the plan's 16-bit layers nothing was measured for: they stay 16-bit
+    for name, sol in solutions.items():
+        m = floats[name]
+        shape = tuple(m.weight.shape)
+        if sol.kept:
+            if name not in weights:
+                fixed += savings[name]
+                continue
+            options[name] = [("base", 0, weights[name] * sol.err_hold)]
+            if "kept" in cfg.budget_options:
+                options[name].append(("keep16", savings[name], 0.0))
+            continue
+        if name not in weights or inputs.get(name) is None:
+            continue
+        w = weights[name]
+        opts = [("base", 0, w * sol.err_hold)]
+        scaled = sol.input_scale is not None
+        here = layer_bytes(sol.weight_type, shape, False, 0, False, 0)
+        if "int8" in cfg.budget_options and sol.weight_type != "int8":
+            extra = layer_bytes("int8", shape, False, 0, False, 0) - here - (2 * _channels(m) if scaled else 0)
+            opts.append(("int8", extra, 0.0))
+        low = None if scaled else lower_type(sol.weight_type, shape)
+        if low is not None and sol.err_rtn_hold > 0:
+            w2, h = _flat(m.weight), inputs[name].h_hold.double()
+            ratio = _rtn_error(w2, low, h) / sol.err_rtn_hold
+            sol.calib["uint3_error_ratio"] = round(ratio, 3)
+            opts.append(("uint3", layer_bytes(low, shape, False, 0, False, 0) - here, w * sol.err_hold * ratio))
+        options[name] = opts
+    room = headroom - fixed
+    names = sorted(options)
+
+    def choose(lam: float) -> tuple[dict, int]:
+        picks, total = {}, 0
+        for n in names:
+            o = min(options[n], key=lambda t: (t[2] + lam * t[1], t[1]))
+            picks[n] = o
+            total += o[1]
+        return picks, total
+
+    cheapest = sum(min(o[1] for o in options[n]) for n in names)
+    if cheapest > room:
+        report["kept_16bit"] = sorted(n for n, sol in solutions.items() if sol.kept)
+        report["kept_int8"] = []
+        report["note"] = (f"even the cheapest precision of every layer takes {(base + fixed + cheapest) / total_fp16:.4f}× "
+                          f"fp16 > the budget {cfg.budget:.4f}×: nothing changed")
+        return report
+    picks, total = choose(0.0)
+    if total > room:
+        lo, hi = 0.0, 1e-30
+        while choose(hi)[1] > room:
+            lo, hi = hi, hi * 10.0
+        for _ in range(200):
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 2.0
+            if choose(mid)[1] > room:
+                lo = mid
+            else:
+                hi = mid
+            if lo > 0 and hi / lo < 1 + 1e-9:
+                break
+        picks, total = choose(hi)
+    # single upgrades with what the rounding of λ left, best error removed per byte first
+    while True:
+        best = None
+        for n in names:
+            cur = picks[n]
+            for o in options[n]:
+                d_bytes, d_err = o[1] - cur[1], cur[2] - o[2]
+                if d_bytes > 0 and d_err > 0 and total + d_bytes <= room:
+                    key = d_err / d_bytes
+                    if best is None or key > best[0]:
+                        best = (key, n, o)
+        if best is None:
+            break
+        _, n, o = best
+        total += o[1] - picks[n][1]
+        picks[n] = o
+    kind = {n: o[0] for n, o in picks.items()}
+    # ranks for the layers left at their own 4-bit type, with the bytes still free
+    ranks: dict[str, int] = {}
+    if "rank" in cfg.budget_options and cfg.max_rank > 0:
+        heap = []
+        for n, k in kind.items():
+            sol, st = solutions[n], inputs.get(n)
+            if k != "base" or sol.kept or st is None:
+                continue
+            shape = tuple(floats[n].weight.shape)
+            resid = _flat(floats[n].weight).double() - _effective(sol, shape)
+            sol.svd = weighted_svd(resid, st.h_fit, cfg.damp)
+            _push_rank(heap, n, sol, 0, cfg, weights, shape)
+        while heap:
+            neg, _, _, n, (r0, r1) = heapq.heappop(heap)
+            shape = tuple(floats[n].weight.shape)
+            cost = branch_bytes(shape[0], input_size(shape), r1 - r0)
+            if neg >= 0 or ranks.get(n, 0) != r0 or total + cost > room:
+                continue
+            total += cost
+            ranks[n] = r1
+            _push_rank(heap, n, solutions[n], r1, cfg, weights, shape)
+    keep16 = {n for n, k in kind.items() if k == "keep16"} | {n for n, sol in solutions.items()
+                                                                if sol.kept and n not in options}
+    kept_all = {n for n, sol in solutions.items() if sol.kept}
+    spent = total + fixed
+    report.update(int8=sorted(n for n, k in kind.items() if k == "int8"),
+                  uint3=sorted(n for n, k in kind.items() if k == "uint3"),
+                  ranks=dict(sorted(ranks.items())), spent_bytes=spent, kept_16bit=sorted(keep16),
+                  kept_int8=sorted(kept_all - keep16), ratio=round((base + spent) / total_fp16, 4),
+                  allocator="lagrangian (int8, uint3, kept)")
+    return report
+
+
 def _push_rank(heap, name, sol, r0, cfg, weights, shape):
     s = sol.svd[1]
     r1 = min(r0 + RANK_STEP, cfg.max_rank, s.numel())
@@ -168,9 +319,9 @@ def _effective(sol, shape) -> torch.Tensor:
 
 
 def apply_allocation(floats: dict, solutions: dict, inputs: dict, allocation: dict, cfg) -> None:
-    """Put the allocation into the solutions: int8 storage (round-to-nearest or GPTQ, whichever has
-    the lower held-out error) and the low-rank factors, each branch kept only where it lowers the
-    held-out error (fp16-rounded factors)."""
+    """Put the allocation into the solutions: int8 or 3-bit storage (round-to-nearest or GPTQ,
+    whichever has the lower held-out error) and the low-rank factors, each branch kept only where it
+    lowers the held-out error (fp16-rounded factors)."""
     from .gptq import gptq_quantize
 
     for name in allocation.get("int8", []):
@@ -186,6 +337,20 @@ def apply_allocation(floats: dict, solutions: dict, inputs: dict, allocation: di
         sol.calib.update(budget="int8", rounding=best, held_out_error_vs_rtn=round(errs[best] / sol.err_rtn_hold, 4)
                          if sol.err_rtn_hold > 0 else 1.0)
         sol.calib.pop("awq_alpha", None)
+        sol.err_hold = errs[best]
+    for name in allocation.get("uint3", []):
+        m, sol, st = floats[name], solutions[name], inputs[name]
+        w2 = _flat(m.weight)
+        low = lower_type(sol.weight_type, tuple(m.weight.shape))
+        qt = qtype(low)
+        cands = {"rtn": quantize_weight(w2, qt, name)}
+        if cfg.rounding == "gptq":
+            cands["gptq_act_order"] = gptq_quantize(w2, st.h_fit, qt, cfg.damp, True, layer=name)
+        errs = {k: output_error(w2, dequantize_weight(v, qt, w2.shape, torch.float32), st.h_hold) for k, v in cands.items()}
+        best = min(errs, key=errs.get)
+        sol.weight_type, sol.storage = low, cands[best]
+        sol.calib.update(budget=low, rounding=best, held_out_error_vs_rtn=round(errs[best] / sol.err_rtn_hold, 4)
+                         if sol.err_rtn_hold > 0 else 1.0)
         sol.err_hold = errs[best]
     for name, rank in allocation.get("ranks", {}).items():
         m, sol, st = floats[name], solutions[name], inputs[name]

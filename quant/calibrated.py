@@ -44,10 +44,11 @@ from .weights import dequantize_weight, quantize_weight
 
 ROUNDINGS = ("rtn", "gptq")
 ACT_ORDERS = ("on", "off", "both")
-#: what a byte budget may do: raise 4-bit layers to int8, add low-rank branches, or store the plan's
+#: what a byte budget may do: raise 4-bit layers to int8, add low-rank branches, store the plan's
 #: 16-bit layers (time embedding, first/last conv) at int8 where that costs less error than the
-#: bytes it frees buy elsewhere
-BUDGET_OPTIONS = ("int8", "rank", "kept")
+#: bytes it frees buy elsewhere, or (``uint3``) lower insensitive 4-bit layers to 3 bits to pay for
+#: the others (``budget.py``)
+BUDGET_OPTIONS = ("int8", "rank", "kept", "uint3")
 CALIB_ATTR = "qcorrect_calibration"
 
 
@@ -277,6 +278,9 @@ def calibrated_summary(module: nn.Module) -> str:
     int8 = sum(1 for c in calib if c.get("budget") == "int8")
     if int8:
         parts.append(f"{int8} raised to int8 by the budget")
+    low = sum(1 for c in calib if str(c.get("budget", "")).startswith("uint3"))
+    if low:
+        parts.append(f"{low} lowered to 3 bits by the budget")
     kept = sum(1 for c in calib if str(c.get("budget", "")).startswith("int8 (kept"))
     if kept:
         parts.append(f"{kept} of the plan's 16-bit layers stored at int8 by the budget")

@@ -128,8 +128,14 @@ def fit_weight_type(name: str, k: int) -> tuple[str | None, str | None]:
     ``"K=36 not divisible by 64 → uint4 per-channel"``.
     """
     qt = weight_qtype(name)
-    if misfit(qt, k) is None:
+    why = misfit(qt, k)
+    if why is None:
         return qt.name, None
+    if why == "pack3":  # 3-bit rows pack eight codes per three bytes: the same group size at 4 bits
+        alt = f"uint4_g{qt.group_size}"
+        if misfit(qtype(alt), k) is None:
+            return alt, f"K={k} not a multiple of 8 (uint3 packs eight codes per three bytes) → {alt}"
+        qt = weight_qtype(alt)
     base = "int4" if qt.symmetric else "uint4"
     if qt.group_size:
         reason = f"K={k} not divisible by {qt.group_size}"

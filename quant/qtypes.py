@@ -2,7 +2,8 @@
 
 A :class:`QType` says how a tensor is represented: bit-width, integer range, granularity (one scale
 per output channel, per group of input elements, or per tensor) and whether it is symmetric.
-Weight types store real integers (int8, or int4 packed two per byte); activation types describe a
+Weight types store real integers (int8, int4 packed two per byte, or uint3 packed eight per three
+bytes, a precision the byte budget can give insensitive layers); activation types describe a
 fake-quantization grid applied on the fly. Activation types exist for every bit-width from 4 to 16
 because PCR's relaxed steps (ALGORITHMS.md §6) run chosen σ ranges at 10 or 16 bits.
 """
@@ -51,8 +52,9 @@ class QType:
 
     @property
     def packed(self) -> bool:
-        """int4 weights are stored two codes per byte."""
-        return self.kind == WEIGHT and self.bits == 4
+        """Weights narrower than a byte are stored packed: int4 two codes per byte, uint3 eight codes
+        per three bytes (``weights.pack_codes``)."""
+        return self.kind == WEIGHT and self.bits < 8
 
 
 def _weight_types() -> dict[str, QType]:
@@ -64,6 +66,10 @@ def _weight_types() -> dict[str, QType]:
     for g in GROUP_SIZES:
         types[f"int4_g{g}"] = QType(f"int4_g{g}", WEIGHT, 4, PER_GROUP, True, g)
         types[f"uint4_g{g}"] = QType(f"uint4_g{g}", WEIGHT, 4, PER_GROUP, False, g)
+        # 3-bit, asymmetric only: what the byte budget may store a layer at whose share of the
+        # end-to-end error is small, to spend the bytes it frees on sensitive layers (``budget.py``);
+        # not a preset (3.5 bits per weight with group 64)
+        types[f"uint3_g{g}"] = QType(f"uint3_g{g}", WEIGHT, 3, PER_GROUP, False, g)
     return types
 
 
@@ -79,7 +85,8 @@ QTYPES: dict[str, QType] = {**_weight_types(), **_activation_types()}
 
 
 def qtype(name: str | QType) -> QType:
-    """Look a type up by name (``"int8"``, ``"uint4"``, ``"int4_g32"``, ``"uint4_g64"``, ``"a8"``, ``"a10_asym"`` …)."""
+    """Look a type up by name (``"int8"``, ``"uint4"``, ``"int4_g32"``, ``"uint4_g64"``, ``"uint3_g64"``, ``"a8"``,
+    ``"a10_asym"`` …)."""
     if isinstance(name, QType):
         return name
     try:

@@ -54,7 +54,7 @@ from torch import nn
 
 from .errors import QuantizationError
 from .modules import QUANT_LAYERS
-from .weights import _group, decode_blob, unpack_int4
+from .weights import _group, decode_blob, unpack_codes
 
 
 #: how the iterations pick their recorded call (see :func:`_weighted_draws`)
@@ -119,7 +119,7 @@ class _Grid:
         qt, out = self.layer.wqtype, self.layer.weight_shape[0]
         q = self.storage["qweight"].to(device, non_blocking=True)
         if qt.packed:
-            codes = unpack_int4(q).float()
+            codes = unpack_codes(q, qt.bits).float()
             k = codes.shape[1]
             codes = codes.reshape(out, k // _group(qt, k), _group(qt, k))
             return codes + qt.qmin if self.z0 is None else codes  # symmetric int4: stored offset by qmin

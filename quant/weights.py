@@ -9,6 +9,10 @@ Storage (ALGORITHMS.md §1 for the per-channel convention):
   integer zero point stored as fp16 ``[out, K/G]`` so that ``w ≈ (q − zero)·scale``.
 * ``int4`` / ``uint4``: the same packed storage with one group per output channel (``G = K``,
   scale and zero ``[out, 1]``); ``K`` must be even to pack.
+* ``uint3_gG``: 3-bit codes 0..7, eight per three bytes, uint8 ``[out, 3K/8]`` (codes ``8j … 8j+7``
+  fill bits 0–23 of bytes ``3j … 3j+2``, code ``8j+i`` at bits ``3i … 3i+2``, little-endian), scale and
+  zero as for ``uint4_gG``; ``K`` must be a multiple of 8. Only the byte budget chooses it
+  (``budget.py``), for layers whose share of the end-to-end error is small.
 
 Scales are rounded to fp16 *before* the codes are computed, so the stored (codes, scale) pair is
 the one the rounding was done for.
@@ -44,6 +48,53 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
+_SHIFT3 = tuple(3 * i for i in range(8))
+
+
+def pack_int3(codes: torch.Tensor) -> torch.Tensor:
+    """Pack unsigned 3-bit codes (0..7, last dim a multiple of 8) eight per three bytes."""
+    n = codes.shape[-1]
+    if n % 8:
+        raise QuantizationError(f"cannot pack {n} 3-bit codes: eight share three bytes, so the count must be a multiple of 8")
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], n // 8, 8)
+    word = c[..., 0]
+    for i in range(1, 8):
+        word = word | (c[..., i] << _SHIFT3[i])
+    out = torch.stack((word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF), dim=-1)
+    return out.to(torch.uint8).reshape(*codes.shape[:-1], n // 8 * 3)
+
+
+def unpack_int3(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int3`: uint8 ``[..., 3n]`` → uint8 codes ``[..., 8n]``."""
+    b = packed.to(torch.int32).reshape(*packed.shape[:-1], packed.shape[-1] // 3, 3)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    codes = torch.stack([(word >> s) & 0x7 for s in _SHIFT3], dim=-1)
+    return codes.to(torch.uint8).flatten(-2)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes of a sub-byte weight type (:func:`pack_int4` or :func:`pack_int3`)."""
+    if bits == 4:
+        return pack_int4(codes)
+    if bits == 3:
+        return pack_int3(codes)
+    raise QuantizationError(f"no packed storage for {bits}-bit codes")
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the codes as uint8, ``[out, K]``."""
+    if bits == 4:
+        return unpack_int4(packed)
+    if bits == 3:
+        return unpack_int3(packed)
+    raise QuantizationError(f"no packed storage for {bits}-bit codes")
+
+
+def packed_width(qt: QType, k: int) -> int:
+    """Bytes per row of ``k`` codes of a packed type."""
+    return k * qt.bits // 8
+
+
 def _group(qt: QType, k: int) -> int:
     """Elements per scale: the whole row for per-channel types, else the type's group size."""
     return k if qt.granularity == PER_CHANNEL else qt.group_size
@@ -64,8 +115,10 @@ def input_size(weight_shape: torch.Size | tuple) -> int:
 
 def misfit(qt: QType, k: int) -> str | None:
     """Why a weight type cannot store rows of ``k`` inputs (``None`` when it can)."""
-    if qt.packed and k % 2:
+    if qt.packed and qt.bits == 4 and k % 2:
         return "odd"
+    if qt.packed and qt.bits == 3 and k % 8:
+        return "pack3"
     if qt.group_size and k % qt.group_size:
         return "group"
     return None
@@ -79,6 +132,11 @@ def check_fits(qt: QType, weight_shape: torch.Size | tuple, layer: str = "?") ->
         raise QuantizationError(
             f"layer {layer!r}: int4 codes are packed two per byte, and its input size {k} is odd "
             f"(weight shape {tuple(weight_shape)}); exclude the layer or keep it at 8 bits"
+        )
+    if why == "pack3":
+        raise QuantizationError(
+            f"layer {layer!r}: 3-bit codes are packed eight per three bytes, and its input size {k} is not a "
+            f"multiple of 8 (weight shape {tuple(weight_shape)}); keep the layer at 4 or 8 bits"
         )
     if why == "group":
         raise QuantizationError(
@@ -121,7 +179,7 @@ def storage_from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     """Stored codes ``[out, K]`` and the grid ``[out, groups]`` → the storage tensors of ``qt``."""
     if not qt.packed:
         return {"qweight": codes.to(torch.int8), "scale": scale.half()}
-    storage = {"qweight": pack_int4(codes.to(torch.uint8)), "scale": scale.half()}
+    storage = {"qweight": pack_codes(codes.to(torch.uint8), qt.bits), "scale": scale.half()}
     if zero is not None:
         storage["zero"] = zero.half()
     return storage
@@ -150,7 +208,7 @@ def dequantize_weight(
     scale = storage["scale"]
     if not qt.packed:
         return (q.to(dtype) * scale.to(dtype)).reshape(shape)
-    codes = unpack_int4(q).to(dtype)
+    codes = unpack_codes(q, qt.bits).to(dtype)
     out, k = codes.shape
     group = _group(qt, k)
     g = codes.reshape(out, k // group, group)
@@ -168,7 +226,7 @@ def storage_shapes(qt: QType, out: int, k: int) -> dict[str, tuple[tuple[int, ..
         return {"qweight": ((out, k), torch.int8), "scale": ((out, 1), torch.float16)}
     groups = k // _group(qt, k)
     shapes = {
-        "qweight": ((out, k // 2), torch.uint8),
+        "qweight": ((out, packed_width(qt, k)), torch.uint8),
         "scale": ((out, groups), torch.float16),
     }
     if not qt.symmetric:

@@ -241,6 +241,54 @@ def test_the_budget_can_store_the_plans_16_bit_layers_at_int8_to_make_room(setti
     assert no_kept["allocation"]["spent_bytes"] == 0
 
 
+def test_uint3_lowers_an_insensitive_layer_to_pay_for_int8_where_the_error_counts(setting, tmp_path):
+    """Mixed precision both ways: with ``uint3`` the budget may store a layer whose share of the end-to-end
+    error is small at 3 bits and spend what that frees on the layers that matter, within the same bytes."""
+    net, stats, test = setting
+    plain = Net()
+    quantize_calibrated(plain, "W4A16", stats)
+    base = resident_bytes(copy.deepcopy(plain).half())
+    fp16 = fp16_bytes(Net())
+    # room for less than one layer at int8 (each of "a" and "b" takes 3,840 bytes more at int8)
+    budget = (base + 3500) / fp16
+    # "mid" (64×576 weights, the largest 4-bit layer) barely reaches the output; "a" and "b" dominate it
+    sens = {"mid": 1e-9, "a": 1.0, "b": 1.0}
+    cfg = CalibratedConfig(budget=budget, budget_options=("int8", "uint3"))
+    cal = Net()
+    rep = quantize_calibrated(cal, "W4A16", stats, cfg, sensitivity=sens)
+    alloc = rep["allocation"]
+    assert alloc["uint3"] == ["mid"] and set(alloc["int8"]) == {"a", "b"}
+    layers = quantized_layers(cal)
+    assert layers["mid"].wqtype.name == "uint3_g64" and layers["a"].wqtype.name == "int8"
+    assert "1 lowered to 3 bits by the budget" in rep["summary"] and rep["layers"]["mid"]["budget"] == "uint3_g64"
+    got = resident_bytes(copy.deepcopy(cal).half())
+    assert got <= budget * fp16 and got == alloc["base_bytes"] + alloc["spent_bytes"]
+    # the same bytes without the option: too few for one int8 layer, so nothing moves
+    same = quantize_calibrated(Net(), "W4A16", stats, CalibratedConfig(budget=budget, budget_options=("int8",)),
+                               sensitivity=sens)["allocation"]
+    assert not same.get("uint3") and not same["int8"]
+    # the weighted error the allocation minimises is lower with the option, at no more bytes
+    with torch.no_grad():
+        err_mixed = sum(sens[n] * float((cal.get_submodule(n).dequantized_weight() - net.get_submodule(n).weight).pow(2).sum())
+                        for n in ("mid", "a", "b"))
+        err_plain = sum(sens[n] * float((plain.get_submodule(n).dequantized_weight() - net.get_submodule(n).weight).pow(2).sum())
+                        for n in ("mid", "a", "b"))
+    assert err_mixed < 0.1 * err_plain
+    # 3-bit storage and the plan round-trip through the file
+    save_quantized(cal, str(tmp_path / "m.safetensors"))
+    back = load_quantized(Net(), str(tmp_path / "m.safetensors"))
+    assert quantized_layers(back)["mid"].wqtype.name == "uint3_g64"
+    with torch.no_grad():
+        assert torch.equal(back(test), cal(test))
+
+
+def test_uint3_with_a_budget_nothing_fits_in_changes_nothing_and_says_so(setting):
+    net, stats, _ = setting
+    rep = quantize_calibrated(Net(), "W4A16", stats, CalibratedConfig(budget=0.01, budget_options=("int8", "uint3")))
+    assert not rep["allocation"].get("uint3") and not rep["allocation"]["int8"]
+    assert "nothing changed" in rep["allocation"]["note"]
+
+
 def test_layers_whose_input_size_does_not_fit_group_64_still_get_calibrated_rounding():
     from tests.quant.test_fallback import EXPECTED, Mixed, inputs
     from qcorrect.quant import plan_summary

@@ -30,7 +30,7 @@ def conv(wq="uint4_g64", seed=0):
 
 
 def codes_nbytes(qt, out, k):
-    return out * k if not qt.packed else out * k // 2
+    return out * k * qt.bits // 8  # int8 one byte a code, int4 two codes a byte, uint3 eight codes in three bytes
 
 
 @pytest.mark.parametrize("name", WEIGHT_TYPES)

@@ -191,8 +191,8 @@ def test_activation_fake_quantization_is_unchanged_without_autograd_and_straight
 
 
 @pytest.mark.parametrize("kind,wtype", [
-    ("linear", "uint4_g64"), ("linear", "int4_g32"), ("linear", "int8"),
-    ("conv", "uint4_g64"), ("conv_same", "uint4_g64"), ("conv_strided", "int8"),
+    ("linear", "uint4_g64"), ("linear", "int4_g32"), ("linear", "int8"), ("linear", "uint3_g64"),
+    ("conv", "uint4_g64"), ("conv", "uint3_g32"), ("conv_same", "uint4_g64"), ("conv_strided", "int8"),
 ])
 def test_the_memory_lean_grid_op_has_plain_autograds_output_and_gradients(kind, wtype):
     """``_GridOp`` rebuilds each weight in the backward pass instead of saving it; its output and the
