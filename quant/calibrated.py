@@ -189,7 +189,9 @@ def quantize_calibrated(module: nn.Module, plan: QuantPlan | str | None, inputs:
                         progress=None) -> dict:
     """Quantize ``module`` in place like :func:`quantize_model`, with every quantized layer's weight
     chosen from ``inputs`` (per layer name; a layer without statistics is rounded to nearest).
-    ``sensitivity`` (per layer, e.g. its measured share of the end-to-end error) weights the budget.
+    ``sensitivity`` (per layer, e.g. its measured share of the end-to-end error) weights the budget:
+    a dict, a probe ``probe(name, weight)`` called per layer, or an object with ``batch({name: weight})``
+    (``calibration.inputs.SketchProbe``) called once for every layer.
     Returns a report: per-layer choices, counts and seconds."""
     from .budget import allocate, apply_allocation
 
@@ -212,7 +214,10 @@ def quantize_calibrated(module: nn.Module, plan: QuantPlan | str | None, inputs:
                 sol = solve_layer(name, floats[name].weight, inputs.get(name), "int8", None, cfg)
                 sol.kept = True
                 solutions[name] = sol
-    if cfg.budget is not None and callable(sensitivity):  # a probe: measure each layer's share now
+    if cfg.budget is not None and hasattr(sensitivity, "batch"):  # a probe of every layer at once
+        sensitivity = {n: float(v) for n, v in sensitivity.batch(
+            {n: _effective_weight(sol, floats[n].weight.shape) for n, sol in solutions.items()}).items()}
+    elif cfg.budget is not None and callable(sensitivity):  # a probe: measure each layer's share now
         sensitivity = {n: float(sensitivity(n, _effective_weight(sol, floats[n].weight.shape)))
                        for n, sol in solutions.items()}
     if cfg.budget is not None:

@@ -215,6 +215,48 @@ def test_the_sensitivity_probe_measures_eps_or_denoised_error_and_restores_the_l
         layer_probe(denoiser, net, calls, weight, space="v")
 
 
+def test_the_sketched_probe_is_the_exact_probe_for_a_linear_model_and_close_to_it_otherwise():
+    """``SketchProbe`` estimates every layer's probe error from a few backward passes. For a linear
+    network the first-order estimate is exact in expectation, so many sketches converge on the exact
+    probe; on a non-linear one with small weight changes it stays close; it hooks only while it runs."""
+    from qcorrect.calibration.inputs import SketchProbe, layer_probe
+
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 6))
+
+    def linear_denoiser(x, sigma, **_):
+        return lin(x)
+
+    calls = [(torch.randn(16, 6), torch.full((16,), s), {}) for s in (10.0, 2.0, 0.5)]
+    weight = lambda s: 4.0 if s >= 3 else 1.0  # noqa: E731
+    new = {n: lin.get_submodule(n).weight.detach() + 0.05 * torch.randn_like(lin.get_submodule(n).weight) for n in ("0", "1")}
+    for space in ("eps", "x0"):
+        ex = {n: layer_probe(linear_denoiser, lin, calls, weight, space=space)(n, w) for n, w in new.items()}
+        est = SketchProbe(linear_denoiser, lin, calls, weight, space=space, sketches=512).batch(new)
+        for n in new:
+            assert est[n] == pytest.approx(ex[n], rel=0.05)
+    assert SketchProbe(linear_denoiser, lin, calls, weight, sketches=1)("1", new["1"]) > 0
+    assert not any(m._forward_hooks for m in lin.modules())
+
+    # a non-linear net with CFG-style doubled batches (the layers see [uncond; cond], the output is per latent)
+    net = Net()
+
+    def cfg_denoiser(x, sigma, **_):
+        both = net(torch.cat([x, 0.9 * x]))
+        u, c = both.chunk(2)
+        return x - sigma.reshape(-1, 1, 1, 1) * (u + 3.0 * (c - u))
+
+    calls = [(start(8, seed=s), torch.full((8,), float(sig)), {}) for s, sig in ((1, 5.0), (2, 1.0))]
+    small = {n: net.get_submodule(n).weight.detach() * (1 + 0.01 * torch.randn_like(net.get_submodule(n).weight))
+             for n in ("conv", "lin")}
+    exact = {n: layer_probe(cfg_denoiser, net, calls, weight)(n, w) for n, w in small.items()}
+    est = SketchProbe(cfg_denoiser, net, calls, weight, sketches=16).batch(small)
+    for n in small:
+        assert est[n] == pytest.approx(exact[n], rel=0.3)
+    with pytest.raises(CalibrationError, match="at least one sketch"):
+        SketchProbe(cfg_denoiser, net, calls, sketches=0)
+
+
 def test_flow_adjoints_are_the_transposed_jacobian_of_the_rest_of_the_sampling():
     """``flow_adjoints`` gives, per call k, ``g_k[j] = ∂(u_j·x_N)/∂D_k``: checked against a finite
     difference (a perturbation of one call's output carried through the rest of the sampling, later
