@@ -48,7 +48,8 @@ import torch
 from torch import nn
 
 from ..calibration.inputs import (
-    DEFAULT_ROWS_PER_K, calibration_layers, collect_inputs, early_weight, layer_groups, layer_probe, probe_calls, stats_bytes,
+    DEFAULT_ROWS_PER_K, SketchProbe, calibration_layers, collect_inputs, early_weight, layer_groups, layer_probe, probe_calls,
+    stats_bytes,
 )
 from ..evaluation import latent_mse, paired_bootstrap_ci
 from ..quant import PRESETS, SigmaScopedDenoiser, preset as quant_preset, quantize_model, resolve_plan
@@ -92,14 +93,22 @@ METHODS: dict[str, CalibratedConfig | None] = {
     "gptq_budget_x0": CalibratedConfig(act_order="on", budget=0.30),
     # mixed precision both ways (session 15): insensitive layers lowered to 3 bits pay for more int8
     "gptq_mixed": CalibratedConfig(act_order="on", budget=0.30, budget_options=("int8", "rank", "kept", "uint3")),
+    # the same, its sensitivities from the sketched probe (``SketchProbe``: every layer at once, a few
+    # backward passes) on more calibration samples instead of the per-layer probe
+    "gptq_mixed_sketch": CalibratedConfig(act_order="on", budget=0.30, budget_options=("int8", "rank", "kept", "uint3")),
 }
 #: budgeted methods that do not run the sensitivity probe
 NO_PROBE = {"gptq_budget_rel"}
 #: budgeted methods whose probe measures the error of the denoised output D, not of ε (``layer_probe``'s ``space``)
 PROBE_X0 = {"gptq_budget_x0"}
+#: budgeted methods that measure the sensitivities with ``SketchProbe`` on ``SKETCH_SAMPLES`` calibration
+#: samples' calls, ``SKETCHES`` sketches
+SKETCHED = {"gptq_mixed_sketch"}
+SKETCH_SAMPLES, SKETCHES = 8, 4
 #: methods that are another method plus end-to-end tuning of the stored grid (``quant/tune.py``)
 TUNED = {"gptq_budget_tuned": "gptq_budget", "gptq_tuned": "gptq", "rtn_tuned": "rtn",
-         "gptq_budget_x0_tuned": "gptq_budget_x0", "gptq_mixed_tuned": "gptq_mixed"}
+         "gptq_budget_x0_tuned": "gptq_budget_x0", "gptq_mixed_tuned": "gptq_mixed",
+         "gptq_mixed_sketch_tuned": "gptq_mixed_sketch"}
 TUNED["gptq_budget_jtuned"] = "gptq_budget"
 #: tuned methods whose loss adds the flow-Jacobian term (``TuneConfig.jacobian_weight``; session 13)
 JACOBIAN_TUNED = {"gptq_budget_jtuned"}
@@ -573,7 +582,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                                            if "adjoint_seconds" in col else {})})
                     log(f"# {sampler} cfg {cfg_scale}: input statistics of {len(cal)} calibration samples (set {k}) in "
                         f"{col['seconds']:.1f} s ({col['peak_stats_bytes'] / 2**20:.0f} MiB)")
-                probe_set = None
+                probe_set = sketch_set = None
                 solved: dict = {}  # (preset, method) → (quantized denoiser, report, solve seconds): bases of tuned methods
                 keep_bases = any(resolve_method(m) in TUNED for m in methods)
                 for preset in presets:
@@ -598,7 +607,12 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                             qd = copy.deepcopy(ref.denoiser)
                             probe = None
                             base_name = TUNED.get(name, name)
-                            if mcfg.budget is not None and base_name not in NO_PROBE:
+                            if mcfg.budget is not None and base_name in SKETCHED:
+                                if sketch_set is None:
+                                    sketch_set = probe_calls(SAMPLERS[sampler], x0, sigmas, extra, samples=SKETCH_SAMPLES,
+                                                             noise_sampler_factory=factory, denoiser=ref.denoiser)
+                                probe = SketchProbe(qd, qd.unet, sketch_set, weight, sketches=SKETCHES)
+                            elif mcfg.budget is not None and base_name not in NO_PROBE:
                                 if probe_set is None:
                                     probe_set = probe_calls(SAMPLERS[sampler], x0, sigmas, extra, samples=PROBE_SAMPLES,
                                                             noise_sampler_factory=factory, denoiser=ref.denoiser)
@@ -780,7 +794,7 @@ def print_result(res: dict) -> None:
             line = f"{r['preset']} {r['method']} {r['sampler']} cfg {r['cfg']:g}: {r['summary']}"
             if "allocation" in r:
                 a = r["allocation"]
-                spent = a.get("note") or f"{len(a['int8'])} int8, ranks {a['ranks']}"
+                spent = a.get("note") or (f"{len(a['int8'])} int8, " + (f"{len(a['uint3'])} uint3, " if a.get("uint3") else "") + f"ranks {a['ranks']}")
                 line += f"; budget: {spent}"
             print(line)
 
