@@ -233,8 +233,10 @@ def test_the_sketched_probe_is_the_exact_probe_for_a_linear_model_and_close_to_i
     for space in ("eps", "x0"):
         ex = {n: layer_probe(linear_denoiser, lin, calls, weight, space=space)(n, w) for n, w in new.items()}
         est = SketchProbe(linear_denoiser, lin, calls, weight, space=space, sketches=512).batch(new)
+        chunked = SketchProbe(linear_denoiser, lin, calls, weight, space=space, sketches=512, max_batch=16).batch(new)
         for n in new:
             assert est[n] == pytest.approx(ex[n], rel=0.05)
+            assert chunked[n] == pytest.approx(ex[n], rel=0.05)  # one call's backward pass at a time
     assert SketchProbe(linear_denoiser, lin, calls, weight, sketches=1)("1", new["1"]) > 0
     assert not any(m._forward_hooks for m in lin.modules())
 
