@@ -417,6 +417,22 @@ def layer_probe(denoiser, module: nn.Module, calls: list, step_weight: Callable[
     return probe
 
 
+def calls_of_first_samples(calls: list, samples: int) -> list:
+    """The recorded calls (``collect_inputs(record_calls=True)``: micro-batch after micro-batch, each
+    over its whole trajectory) of the first micro-batches that hold at least ``samples`` samples; a
+    new micro-batch starts where σ rises again."""
+    out, count, prev = [], 0, None
+    for c in calls:
+        s = float(c[1].reshape(-1)[0])
+        if prev is None or s > prev:
+            if count >= samples:
+                break
+            count += int(c[0].shape[0])
+        out.append(c)
+        prev = s
+    return out
+
+
 def _layer_delta_output(m: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """What a weight change ``delta`` adds to layer ``m``'s output on input ``x`` (no bias)."""
     delta = delta.to(device=x.device, dtype=x.dtype)

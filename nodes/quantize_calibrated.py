@@ -6,7 +6,10 @@ conditioning, CFG and sampler), while per-layer input second moments are streame
 structural copy of the model that this node owns (``calibration/inputs.py``; no hook ever touches
 a module of the input MODEL). Then a second copy is quantized from those statistics: GPTQ-style
 rounding scored against round-to-nearest per layer on held-out calibration samples, optionally
-AWQ-style input scales, and an optional byte budget spent on int8 layers and low-rank branches.
+AWQ-style input scales, and an optional byte budget spent on int8 layers and low-rank branches —
+with ``mixed_precision`` (the default) also lowering the layers whose error barely reaches the image
+to 3 bits to pay for more int8, each layer's share of the error measured by a sketched probe
+(:class:`GuidedSketch`, a few backward passes of our float copy through ComfyUI's guider).
 Optionally (``tune_iterations`` > 0) the quantized model's stored fp16 scales and zero points are then
 tuned end to end against the FP model's outputs on the recorded calibration calls (``quant/tune.py``;
 codes unchanged, zero extra bytes, kept only if the held-out loss drops). That is a backward pass
@@ -26,7 +29,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..calibration.inputs import (
-    DEFAULT_ROWS_PER_K, calibration_layers, collect_inputs, early_weight, layer_groups,
+    DEFAULT_ROWS_PER_K, SketchProbe, calibration_layers, calls_of_first_samples, collect_inputs, early_weight, layer_groups,
 )
 from ..quant import PRESETS, plan_summary
 from ..quant import preset as quant_preset
@@ -36,6 +39,9 @@ from . import patching
 from .calibrate import CALIBRATION_SAMPLERS, GuidedRun, ancestral_noise, calibration_set
 
 CATEGORY = "qcorrect"
+#: the sketched sensitivity probe of ``mixed_precision``: the recorded calls of this many calibration
+#: samples, this many Gaussian sketches (docs/BENCHMARKS.md, "Mixed precision both ways")
+SKETCH_SAMPLES, SKETCHES = 8, 4
 
 
 def collect_model_inputs(model, base, positive, negative, latent_image, seed, sampler, scheduler, steps, cfg,
@@ -111,6 +117,44 @@ def _normal_module(module: torch.nn.Module) -> int:
     return n
 
 
+class GuidedSketch:
+    """The budget's sensitivities (``quantize_calibrated(sensitivity=…)``'s ``batch``) measured on our float
+    copy ``base`` of the model through ComfyUI's guider (its conditioning and CFG): a
+    :class:`~..calibration.inputs.SketchProbe` over the recorded FP calls of the first calibration
+    samples, a few backward passes with autograd on, on normal-tensor copies (as :func:`tune_model`).
+    Hooks only on ``base``'s layers, only while it runs."""
+
+    def __init__(self, model, base, baked, positive, negative, latent_image, seed, sigmas, cfg, calls: list,
+                 early_steps_weight: float):
+        self.model, self.base, self.baked = model, base, baked
+        self.positive, self.negative, self.latent_image, self.seed = positive, negative, latent_image, seed
+        self.sigmas, self.cfg = sigmas, cfg
+        self.calls = calls_of_first_samples(calls, SKETCH_SAMPLES)
+        self.weight = None if float(early_steps_weight) == 1.0 else early_weight(float(early_steps_weight))
+
+    def batch(self, weights: dict) -> dict:
+        work = patching.new_model_patcher(self.model, self.base, drop_patches=self.baked)
+        bs = int(self.latent_image["samples"].shape[0])
+        with torch.inference_mode(False):
+            _normal_module(self.base)
+            pos, neg = _normal_tree(self.positive), _normal_tree(self.negative)
+            latents, noise = calibration_set(work, self.latent_image, self.seed, 1)
+
+            def job(q, fp, x_init, sigmas, grid):
+                dev = x_init.device
+                calls = [(x.clone().to(dev), s.clone().to(dev), {}) for x, s, *_ in self.calls]
+                probe = SketchProbe(q, patching.diffusion_model(work), calls, self.weight, sketches=SKETCHES,
+                                    max_batch=bs)
+                return probe.batch(weights)
+
+            guider = comfy.samplers.CFGGuider(work)
+            guider.set_conds(pos, neg)
+            guider.set_cfg(self.cfg)
+            run = GuidedRun(job, noise, latents, SKETCHES * len(self.calls))
+            guider.sample(noise, latents, run, self.sigmas.clone(), disable_pbar=True, seed=int(self.seed))
+        return run.result
+
+
 def tune_model(out, positive, negative, latent_image, seed, sigmas, cfg, calls: dict, iterations: int,
                early_steps_weight: float) -> dict:
     """Tune the stored grid of ``out`` (our quantized MODEL) on the recorded FP calls, through ComfyUI's
@@ -180,25 +224,41 @@ class QuantizeModelCalibrated(io.ComfyNode):
                                      "precision outputs for this many steps (one model call and its backward pass "
                                      "each; 200 = the measured setting, +0.7 to +1.4 dB PSNR on the reference model). "
                                      "Needs the memory of one backward pass; 0 = off."),
+                io.Boolean.Input("mixed_precision", default=True, optional=True,
+                                 tooltip="With a budget: also store layers whose error barely reaches the image at 3 bits "
+                                         "and spend the bytes that frees on int8 for the layers that matter, each layer's "
+                                         "share measured by a few backward passes of the model on the calibration samples "
+                                         "(+6 points of the gap closed on the reference model, same bytes). Off = int8 "
+                                         "layers and low-rank branches only, chosen without running the model."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, preset, positive, negative, latent_image, seed, sampler, scheduler, steps, cfg, batches,
-                rounding, awq, budget, early_steps_weight=4.0, stats_memory_gb=4.0,
-                tune_iterations=0) -> io.NodeOutput:
+                rounding, awq, budget, early_steps_weight=4.0, stats_memory_gb=4.0, tune_iterations=0,
+                mixed_precision=True) -> io.NodeOutput:
         plan = quant_preset(preset)
-        config = CalibratedConfig(rounding=rounding, awq=bool(awq), budget=float(budget) or None).validate()
+        mixed = bool(mixed_precision) and float(budget) > 0
+        options = ("int8", "rank", "kept") + (("uint3",) if mixed else ())
+        config = CalibratedConfig(rounding=rounding, awq=bool(awq), budget=float(budget) or None,
+                                  budget_options=options).validate()
         sample_base, baked = patching.baked_copy(model, plan)
         collected = collect_model_inputs(model, sample_base, positive, negative, latent_image, seed, sampler,
                                          scheduler, steps, cfg, batches, baked, early_steps_weight, stats_memory_gb,
-                                         record_calls=int(tune_iterations) > 0)
-        del sample_base
-        base, baked = patching.baked_copy(model, plan)  # a fresh copy: the sampled one was loaded by ComfyUI
+                                         record_calls=int(tune_iterations) > 0 or mixed)
+        sensitivity = None
+        if mixed:  # the sensitivities come from the sampled float copy, before a fresh copy is quantized
+            work = patching.new_model_patcher(model, sample_base, drop_patches=baked)
+            sigmas = comfy.samplers.KSampler(work, steps=steps, device=work.load_device, sampler=sampler,
+                                             scheduler=scheduler).sigmas
+            sensitivity = GuidedSketch(model, sample_base, baked, positive, negative, latent_image, seed, sigmas, cfg,
+                                       collected["calls"]["fit"], early_steps_weight)
+        base, baked_q = patching.baked_copy(model, plan)  # a fresh copy: the sampled one was loaded by ComfyUI
         with torch.no_grad():
-            quantize_calibrated(base.diffusion_model, plan, collected["layers"], config)
-        out = patching.new_model_patcher(model, base, drop_patches=baked)
+            quantize_calibrated(base.diffusion_model, plan, collected["layers"], config, sensitivity=sensitivity)
+        del sample_base, sensitivity
+        out = patching.new_model_patcher(model, base, drop_patches=baked_q)
         tuned = None
         if int(tune_iterations) > 0:
             sigmas = comfy.samplers.KSampler(out, steps=steps, device=out.load_device, sampler=sampler,

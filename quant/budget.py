@@ -93,7 +93,7 @@ def allocate(module, plan, floats: dict, solutions: dict, inputs: dict, cfg, sen
     report = {"fp16_bytes": total_fp16, "base_bytes": base, "budget_bytes": budget, "int8": [], "ranks": {},
               "kept_16bit": sorted(savings), "kept_int8": [], "spent_bytes": 0,
               "weighting": "measured sensitivity" if sensitivity else "relative output error"}
-    if headroom < 0 and savings:  # not even the plan's own layers fit: they stay as the plan says
+    if headroom < 0 and savings and "uint3" not in cfg.budget_options:  # not even the plan's own layers fit: they stay
         report["base_bytes"] = base + sum(savings.values())
         savings = {}
     if headroom <= 0 and "uint3" not in cfg.budget_options:
@@ -225,9 +225,10 @@ def _allocate_mixed(report, floats, solutions, inputs, cfg, weights, savings, he
         return picks, total
 
     cheapest = sum(min(o[1] for o in options[n]) for n in names)
-    if cheapest > room:
+    if cheapest > room:  # the plan as it is: its 16-bit layers stay 16-bit, nothing else moves
         report["kept_16bit"] = sorted(n for n, sol in solutions.items() if sol.kept)
         report["kept_int8"] = []
+        report["base_bytes"] = base + sum(savings.values())
         report["note"] = (f"even the cheapest precision of every layer takes {(base + fixed + cheapest) / total_fp16:.4f}× "
                           f"fp16 > the budget {cfg.budget:.4f}×: nothing changed")
         return report

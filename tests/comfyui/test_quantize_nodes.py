@@ -393,3 +393,37 @@ def test_cancelling_during_the_grid_tuning_leaves_no_model_and_the_input_untouch
     # the sampling pass had its bar; the tuning's counts its iterations and loss evaluations, and stopped there
     assert updates[0][1] < 1000 and updates[-1][1] > 1000 and updates[-1][0] < 100
     assert all(torch.equal(before[k], v) for k, v in _weights(fp).items())
+
+
+def test_mixed_precision_lowers_some_layers_to_3_bits_within_the_budget(comfy, fp):
+    """``mixed_precision`` (the default with a budget): the sketched probe runs our float copy through
+    ComfyUI's guider under inference mode, some layers go to 3 bits and others to int8, the model stays
+    within the budget's bytes, samples, and neither the input model nor its modules keep anything of it."""
+    from nodekit import conditioning
+    from qcorrect.nodes.quantize_calibrated import QuantizeModelCalibrated
+    from qcorrect.quant import QuantConv2d, QuantLinear, resolve_plan
+    from qcorrect.quant import preset as quant_preset
+
+    before = _weights(fp)
+    args = (fp, "W4A16", conditioning(0), conditioning(1, 0.0), {"samples": torch.zeros(2, 4, 8, 8)}, 11, "euler",
+            "normal", 4, 3.0, 2, "gptq", False, 0.30)
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        (mixed,), text = node_output(QuantizeModelCalibrated.execute(*args))
+        (plain,), text_plain = node_output(QuantizeModelCalibrated.execute(*args, mixed_precision=False))
+    assert all(torch.equal(before[k], v) for k, v in _weights(fp).items())
+    dm = fp.get_model_object("diffusion_model")
+    assert not any(m._forward_hooks for m in dm.modules())
+    layers = {n: m for n, m in mixed.get_model_object("diffusion_model").named_modules()
+              if isinstance(m, (QuantLinear, QuantConv2d))}
+    types = {m.wqtype.name for m in layers.values()}
+    assert "uint3_g64" in types and "int8" in types, types
+    assert "lowered to 3 bits by the budget" in text and "lowered to 3 bits" not in text_plain
+    from qcorrect.quant.budget import fp16_bytes
+
+    qdm = mixed.get_model_object("diffusion_model")
+    resident = sum(t.numel() * (2 if t.is_floating_point() else t.element_size())
+                   for t in [*qdm.parameters(), *qdm.buffers()])
+    assert resident <= 0.30 * fp16_bytes(dm)  # the budget: a share of the diffusion model's fp16 bytes
+    assert len(resolve_plan(dm, quant_preset("W4A16"))) >= len(layers)
+    with torch.inference_mode():
+        assert torch.isfinite(sample(mixed, pos=conditioning(0), neg=conditioning(1, 0.0))).all()
