@@ -72,22 +72,23 @@ def unpack_int3(packed: torch.Tensor) -> torch.Tensor:
     return codes.to(torch.uint8).flatten(-2)
 
 
+_PACKERS = {4: (pack_int4, unpack_int4), 3: (pack_int3, unpack_int3)}
+
+
+def _packer(bits: int):
+    if bits not in _PACKERS:
+        raise QuantizationError(f"no packed storage for {bits}-bit codes")
+    return _PACKERS[bits]
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack codes of a sub-byte weight type (:func:`pack_int4` or :func:`pack_int3`)."""
-    if bits == 4:
-        return pack_int4(codes)
-    if bits == 3:
-        return pack_int3(codes)
-    raise QuantizationError(f"no packed storage for {bits}-bit codes")
+    return _packer(bits)[0](codes)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: the codes as uint8, ``[out, K]``."""
-    if bits == 4:
-        return unpack_int4(packed)
-    if bits == 3:
-        return unpack_int3(packed)
-    raise QuantizationError(f"no packed storage for {bits}-bit codes")
+    return _packer(bits)[1](packed)
 
 
 def packed_width(qt: QType, k: int) -> int:
