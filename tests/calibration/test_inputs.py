@@ -311,3 +311,16 @@ def test_recorded_calls_carry_their_adjoints_and_the_statistics_are_unchanged():
     # a micro-batch's last call (σ → 0, euler) moves the final latent one for one: its adjoint is u
     last = res["calls"]["fit"][len(SIGMAS) - 2]
     assert float(last[4].pow(2).mean()) == pytest.approx(1.0, rel=0.5)
+
+
+def test_calls_of_the_first_samples_are_whole_micro_batches_in_recording_order():
+    from qcorrect.calibration.inputs import calls_of_first_samples
+
+    net = Net()
+    col = collect_inputs(Denoiser(net), net, sample_euler, start(8), SIGMAS, batch_size=3, record_calls=True)
+    fit = col["calls"]["fit"]  # 6 fit samples in micro-batches of 3 and 3, 3 calls each
+    assert len(fit) == 6
+    assert calls_of_first_samples(fit, 2) == fit[:3]
+    assert calls_of_first_samples(fit, 3) == fit[:3]
+    assert calls_of_first_samples(fit, 4) == fit
+    assert calls_of_first_samples(fit, 100) == fit
