@@ -151,7 +151,13 @@ class GuidedSketch:
             guider.set_conds(pos, neg)
             guider.set_cfg(self.cfg)
             run = GuidedRun(job, noise, latents, SKETCHES * len(self.calls))
-            guider.sample(noise, latents, run, self.sigmas.clone(), disable_pbar=True, seed=int(self.seed))
+            try:
+                guider.sample(noise, latents, run, self.sigmas.clone(), disable_pbar=True, seed=int(self.seed))
+            except torch.OutOfMemoryError as exc:
+                raise RuntimeError(
+                    "mixed_precision measures each layer's share of the error with backward passes through the model "
+                    f"on one latent batch ({bs} latents), which ran out of memory; use a smaller latent batch for "
+                    "the calibration set (more batches) or turn mixed_precision off") from exc
         return run.result
 
 
