@@ -234,7 +234,7 @@ class QuantizeModelCalibrated(io.ComfyNode):
                                  tooltip="With a budget: also store layers whose error barely reaches the image at 3 bits "
                                          "and spend the bytes that frees on int8 for the layers that matter, each layer's "
                                          "share measured by a few backward passes of the model on the calibration samples "
-                                         "(+6 points of the gap closed on the reference model, same bytes). Off = int8 "
+                                         "(on the reference model +1.1 to +1.8 dB PSNR, up to +10.7 points of the gap closed, same bytes). Off = int8 "
                                          "layers and low-rank branches only, chosen without running the model."),
             ],
             outputs=[io.Model.Output()],
