@@ -2,7 +2,8 @@
 
 Quantizes the reference UNet with naive PTQ (W8A8 and W4A8, the quantization core's defaults) and
 with the pack's calibrated quantizer (W4A8, ``bench/quantizers.BEST``: error-compensated rounding from
-FP calibration inputs, a 0.30× fp16 byte budget spent where a probe measures the most error, then the
+FP calibration inputs, a 0.30× fp16 byte budget spent with mixed precision — 3 bits where a probe
+measures that a layer's error barely reaches the output, int8 where it measures the most — then the
 stored scales and zero points tuned end to end on the calibration sampling's FP outputs),
 calibrates the default correction on a few held-out seeds, samples FP,
 naive, corrected and calibrated-quantized from fixed seeds (two per class), prints the metrics
