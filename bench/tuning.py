@@ -5,7 +5,11 @@ with a preset (round-to-nearest: the grid is tuned the same way whatever chose t
 tunable grids and runs, per latent size: one no-grad forward (what sampling needs) and one tuning step
 (forward, backward into every layer's scales and zero points, an Adam update), each with its time and
 the peak memory it added above the quantized model. ``--plain`` also runs the step with plain autograd
-(every layer's float weight kept for the backward pass), the memory the lean op avoids.
+(every layer's float weight kept for the backward pass), the memory the lean op avoids. ``--sketch``
+first measures, on the float model, one sketch of ``calibration.inputs.SketchProbe`` over one call
+(the mixed-precision budget's sensitivity probe, as Quantize Model (Calibrated) runs it on its
+float copy): a forward and backward pass with every quantizable layer hooked, and one extra layer
+operation per layer.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set
 (``VmHWM``, reset before each measurement through ``/proc/self/clear_refs``; Linux only, else not
@@ -19,7 +23,8 @@ import time
 
 import torch
 
-from ..quant import quantize_model
+from ..calibration.inputs import SketchProbe
+from ..quant import quantize_model, resolve_plan
 from ..quant.modules import QUANT_LAYERS
 from ..quant.tune import _Grid, _tuning_scope
 from .common import emit_json, print_table, resident_bytes, set_threads
@@ -88,12 +93,36 @@ def tuning_step(unet, grids, opt, x, t, ctx, plain: bool = False) -> float:
     return float(loss.detach())
 
 
+def sketch_cost(model, preset: str, sizes, batch: int, dev, dtype, seed: int = 0) -> list[dict]:
+    """Time and peak memory of one ``SketchProbe`` sketch over one call per latent size, on the float
+    ``model`` (every layer the preset quantizes; the candidate weights are the layers' own, since the
+    cost does not depend on their values)."""
+    names = [n for n, d in resolve_plan(model, preset).items() if d["weight"]]
+    weights = {n: model.get_submodule(n).weight for n in names}
+    mem = PeakMemory(dev)
+    gen = torch.Generator(device=dev).manual_seed(seed + 1)
+    ctx_dim = _context_dim(model)
+    out = []
+    for size in sizes:
+        x = torch.randn(batch, 4, size, size, generator=gen, device=dev, dtype=dtype)
+        ctx = torch.randn(batch, 77, ctx_dim, generator=gen, device=dev, dtype=dtype)
+        t = torch.full((batch,), 500.0, device=dev)
+        probe = SketchProbe(lambda x_, s_, ctx: model(x_, s_, ctx), model, [(x, t, {"ctx": ctx})], sketches=1, seed=seed)
+        mem.reset()
+        t0 = time.perf_counter()
+        probe.batch(weights)
+        out.append({"sketch_seconds": round(time.perf_counter() - t0, 2), "sketch_peak_bytes": mem.peak(),
+                    "sketch_layers": len(names)})
+    return out
+
+
 def run(latents=(64,), batch: int = 1, preset: str = "W4A8", plain: bool = False, device: str = "cpu",
-        dtype: torch.dtype = torch.float32, unet=None, seed: int = 0) -> dict:
+        dtype: torch.dtype = torch.float32, unet=None, seed: int = 0, sketch: bool = False) -> dict:
     """``unet``: a float model to use instead of the SD1.5-shaped UNet (tests pass a small one)."""
     dev = torch.device(device)
     model = build_sd15_unet(dtype, seed=seed, device=device) if unet is None else unet.to(device=dev, dtype=dtype)
     fp_bytes = resident_bytes(model)
+    sketches = sketch_cost(model, preset, latents, batch, dev, dtype, seed) if sketch else [{} for _ in latents]
     quantize_model(model, preset)
     grids = [_Grid(m) for m in model.modules() if isinstance(m, QUANT_LAYERS)]
     params = [p for g in grids for p in g.params()]
@@ -102,11 +131,11 @@ def run(latents=(64,), batch: int = 1, preset: str = "W4A8", plain: bool = False
     gen = torch.Generator(device=dev).manual_seed(seed)
     ctx_dim = _context_dim(model)
     rows = []
-    for size in latents:
+    for size, sk in zip(latents, sketches):
         x = torch.randn(batch, 4, size, size, generator=gen, device=dev, dtype=dtype)
         ctx = torch.randn(batch, 77, ctx_dim, generator=gen, device=dev, dtype=dtype)
         t = torch.full((batch,), 500.0, device=dev)
-        row = {"latent": size, "batch": batch}
+        row = {"latent": size, "batch": batch, **sk}
         mem.reset()
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -135,7 +164,7 @@ def main(args) -> int:
     threads = set_threads(args.threads, default=True)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     latents = [int(s) for s in args.latent.split(",") if s.strip()]
-    res = run(latents, args.batch, args.preset, args.plain, args.device, dtype)
+    res = run(latents, args.batch, args.preset, args.plain, args.device, dtype, sketch=args.sketch)
     res["threads"] = threads
     gib = 2**30
 
@@ -145,13 +174,16 @@ def main(args) -> int:
           f"{res['quantized_bytes'] / gib:.2f} GiB ({res['fp_bytes'] / gib:.2f} GiB before), {res['grid_params']:,} "
           f"grid parameters in {res['layers']} layers")
     headers = ["latent", "batch", "forward s", "forward +GiB", "step s", "step +GiB"] + (
-        ["plain step s", "plain step +GiB"] if args.plain else [])
+        ["plain step s", "plain step +GiB"] if args.plain else []) + (
+        ["sketch s (float model)", "sketch +GiB"] if args.sketch else [])
     rows = []
     for r in res["rows"]:
         row = [f"{r['latent']}x{r['latent']}", r["batch"], r["forward_seconds"], g(r["forward_peak_bytes"]),
                r["lean_step_seconds"], g(r["lean_peak_bytes"])]
         if args.plain:
             row += [r["plain_step_seconds"], g(r["plain_peak_bytes"])]
+        if args.sketch:
+            row += [r["sketch_seconds"], g(r["sketch_peak_bytes"])]
         rows.append(row)
     print_table(headers, rows)
     if args.json:
@@ -165,6 +197,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--preset", default="W4A8")
     p.add_argument("--plain", action="store_true", help="also run the step with plain autograd, for comparison")
+    p.add_argument("--sketch", action="store_true",
+                   help="also time one sketch of the mixed-precision budget's sensitivity probe on the float model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--threads", type=int, default=None)

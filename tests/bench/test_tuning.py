@@ -47,3 +47,14 @@ def test_the_command_prints_a_table_and_a_json_line(monkeypatch, capsys):
     import json
     res = json.loads(out[-1])
     assert res["rows"][0]["latent"] == 8 and "plain_peak_bytes" in res["rows"][0]
+
+
+def test_the_sketch_option_times_the_sensitivity_probe_on_the_float_model(monkeypatch, capsys):
+    monkeypatch.setattr(tuning, "build_sd15_unet", lambda dtype, seed=0, device="cpu": small_unet().to(dtype))
+    assert cli.main(["bench", "tuning", "--latent", "8", "--sketch", "--threads", "1", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    import json
+    row = json.loads(out[-1])["rows"][0]
+    assert row["sketch_seconds"] > 0 and row["sketch_layers"] > 0
+    # no hook is left on the model the probe ran through (it was then quantized and stepped as usual)
+    assert row["lean_loss"] > 0
