@@ -19,7 +19,11 @@ fallback to round-to-nearest on held-out statistics), ``gptq_nofb`` (no fallback
 or both and the plan's 16-bit layers, weighted by each layer's measured sensitivity;
 ``gptq_budget_nokept`` without the plan's layers; ``gptq_budget_rel`` weighted by relative output
 error, no probe; ``gptq_budget_x0`` probed in the denoised output's space instead of ε's), ``all``
-(every lever); ``gptq_budget_tuned`` / ``gptq_tuned`` / ``rtn_tuned`` / ``gptq_budget_x0_tuned``: that
+(every lever); ``gptq_mixed`` (the budget spent with mixed precision both ways: 3-bit layers where the
+probe measures a small share of the error pay for int8 where it measures a large one, ``quant/budget.py``)
+and ``gptq_mixed_sketch`` (the same on ``calibration.inputs.SketchProbe``'s sensitivities, as the ComfyUI
+node measures them); ``gptq_budget_tuned`` / ``gptq_tuned`` / ``rtn_tuned`` / ``gptq_budget_x0_tuned`` /
+``gptq_mixed_tuned`` / ``gptq_mixed_sketch_tuned``: that
 method followed by end-to-end tuning of the stored grid (``quant/tune.py``) on the calls the FP model
 made while sampling the calibration set (a tuned method run after its base in the same run tunes a
 copy of the base's model instead of solving it again); ``best``: the pack's default calibrated
