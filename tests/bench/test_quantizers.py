@@ -292,13 +292,15 @@ def test_a_tuned_method_after_its_base_tunes_a_copy_of_it_and_best_is_the_tuned_
     assert b["tuning"]["hold_loss_after"] == a["tuning"]["hold_loss_after"]
     assert "tuning" not in base and base["latent_mse"] != b["latent_mse"]
     assert b["calib_seconds"] >= base["calib_seconds"]  # the copied base's solve is counted in
-    # ``best`` is the tuned budgeted GPTQ: a tuning report, the budget's bytes
+    # ``best`` is a tuned method: a tuning report, and exactly its untuned base's bytes (tuning moves
+    # no storage; the budget decides the bytes)
     assert quantizers.BEST in quantizers.TUNED and quantizers.resolve_method("best") == quantizers.BEST
-    res = quantizers.run(["W4A16"], ["rtn", "gptq_budget", "best"], ["euler"], [3.0], SEEDS, CALIB, CLASSES, tune=tune,
+    base_name = quantizers.TUNED[quantizers.BEST]
+    res = quantizers.run(["W4A16"], ["rtn", base_name, "best"], ["euler"], [3.0], SEEDS, CALIB, CLASSES, tune=tune,
                          budget=0.33, **SMALL)
     budget, best = res["rows"][1:]
     assert "tuning" in best and "tuning" not in budget and res["best"] == quantizers.BEST
-    assert best["bytes_ratio"] == budget["bytes_ratio"]
+    assert best["bytes_ratio"] == budget["bytes_ratio"] <= 0.33
 
 
 def test_act_ranges_reach_the_models_and_only_change_guided_calls():
