@@ -40,23 +40,19 @@ def test_weight_qtype_rejects_activation_types():
         weight_qtype("a8")
 
 
-def test_int4_pack_unpack_exact():
-    codes = torch.arange(16, dtype=torch.uint8).repeat(3, 4)  # every code, [3, 64]
+@pytest.mark.parametrize("bits, pack, unpack", [(4, pack_int4, unpack_int4), (3, pack_int3, unpack_int3)])
+def test_packed_codes_round_trip_exactly(bits, pack, unpack):
+    codes = torch.arange(2 ** bits, dtype=torch.uint8).repeat(3, 64 >> bits)  # every code, [3, 64]
     codes = codes[:, torch.randperm(64, generator=torch.Generator().manual_seed(0))]
-    packed = pack_int4(codes)
-    assert packed.dtype == torch.uint8 and packed.shape == (3, 32)
-    assert torch.equal(unpack_int4(packed), codes)
-    # low nibble holds the even element
+    packed = pack(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 64 * bits // 8)
+    assert torch.equal(unpack(packed), codes)
+
+
+def test_packed_code_layouts():
+    # int4: the low nibble holds the even element
     assert int(pack_int4(torch.tensor([[3, 12]], dtype=torch.uint8))) == 3 | (12 << 4)
-
-
-def test_int3_pack_unpack_exact():
-    codes = torch.arange(8, dtype=torch.uint8).repeat(3, 8)  # every code, [3, 64]
-    codes = codes[:, torch.randperm(64, generator=torch.Generator().manual_seed(0))]
-    packed = pack_int3(codes)
-    assert packed.dtype == torch.uint8 and packed.shape == (3, 24)
-    assert torch.equal(unpack_int3(packed), codes)
-    # code i of each eight at bits 3i..3i+2 of a little-endian 24-bit word
+    # int3: code i of each eight at bits 3i..3i+2 of a little-endian 24-bit word
     eight = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]], dtype=torch.uint8)
     word = sum(int(c) << (3 * i) for i, c in enumerate(eight[0]))
     assert pack_int3(eight).tolist() == [[word & 0xFF, (word >> 8) & 0xFF, word >> 16]]
