@@ -93,6 +93,13 @@ def tuning_step(unet, grids, opt, x, t, ctx, plain: bool = False) -> float:
     return float(loss.detach())
 
 
+def _call_inputs(batch: int, size: int, ctx_dim: int, gen, dev, dtype):
+    """One random model call's inputs: latents, timesteps (500) and a 77-token context."""
+    x = torch.randn(batch, 4, size, size, generator=gen, device=dev, dtype=dtype)
+    ctx = torch.randn(batch, 77, ctx_dim, generator=gen, device=dev, dtype=dtype)
+    return x, torch.full((batch,), 500.0, device=dev), ctx
+
+
 def sketch_cost(model, preset: str, sizes, batch: int, dev, dtype, seed: int = 0) -> list[dict]:
     """Time and peak memory of one ``SketchProbe`` sketch over one call per latent size, on the float
     ``model`` (every layer the preset quantizes; the candidate weights are the layers' own, since the
@@ -104,9 +111,7 @@ def sketch_cost(model, preset: str, sizes, batch: int, dev, dtype, seed: int = 0
     ctx_dim = _context_dim(model)
     out = []
     for size in sizes:
-        x = torch.randn(batch, 4, size, size, generator=gen, device=dev, dtype=dtype)
-        ctx = torch.randn(batch, 77, ctx_dim, generator=gen, device=dev, dtype=dtype)
-        t = torch.full((batch,), 500.0, device=dev)
+        x, t, ctx = _call_inputs(batch, size, ctx_dim, gen, dev, dtype)
         probe = SketchProbe(lambda x_, s_, ctx: model(x_, s_, ctx), model, [(x, t, {"ctx": ctx})], sketches=1, seed=seed)
         mem.reset()
         t0 = time.perf_counter()
@@ -132,9 +137,7 @@ def run(latents=(64,), batch: int = 1, preset: str = "W4A8", plain: bool = False
     ctx_dim = _context_dim(model)
     rows = []
     for size, sk in zip(latents, sketches):
-        x = torch.randn(batch, 4, size, size, generator=gen, device=dev, dtype=dtype)
-        ctx = torch.randn(batch, 77, ctx_dim, generator=gen, device=dev, dtype=dtype)
-        t = torch.full((batch,), 500.0, device=dev)
+        x, t, ctx = _call_inputs(batch, size, ctx_dim, gen, dev, dtype)
         row = {"latent": size, "batch": batch, **sk}
         mem.reset()
         t0 = time.perf_counter()
