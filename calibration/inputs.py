@@ -31,6 +31,7 @@ NaN/inf while sampling cannot be calibrated.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Callable
 
@@ -98,23 +99,24 @@ class _Accumulator:
         return record
 
     def observe(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
-        x = x.detach()
-        if not bool(torch.isfinite(x).all()):
+        s = self.stats[name]
+        x = x.detach().float().cpu()
+        per_sample = x.reshape(x.shape[0], -1, x.shape[-1]) if s.kind == "linear" else x.flatten(2).transpose(1, 2)
+        # per-channel ranges per sample (dim 0 = sample, as the dynamic activation quantizer sees it); they
+        # are also the finiteness check: amax/amin propagate NaN and reach ±inf, so a non-finite input
+        # shows in them without a pass over the whole input
+        hi, lo = per_sample.amax(dim=1), per_sample.amin(dim=1)
+        if not bool(torch.isfinite(hi).all() and torch.isfinite(lo).all()):
             raise CalibrationError(f"layer {name!r}: its input has NaN/inf at σ={self.sigma:.4g}; the full-precision "
                                    "model cannot be calibrated on these inputs")
-        s = self.stats[name]
-        x = x.float().cpu()
-        per_sample = x.reshape(x.shape[0], -1, x.shape[-1]) if s.kind == "linear" else x.flatten(2).transpose(1, 2)
-        # per-channel ranges per sample (dim 0 = sample, as the dynamic activation quantizer sees it)
-        s.hi += self.weight * per_sample.amax(dim=1).sum(0)
-        s.lo += self.weight * per_sample.amin(dim=1).sum(0)
+        s.hi += self.weight * hi.sum(0)
+        s.lo += self.weight * lo.sum(0)
         s.absmax = torch.maximum(s.absmax, per_sample.abs().amax(dim=(0, 1)))
         s.absmean += self.weight * per_sample.abs().mean(dim=1).sum(0)
         s.calls += x.shape[0]
         self.wcalls[name] += self.weight * x.shape[0]
         h = s.h_fit if self.split == "fit" else s.h_hold
         rows_total = 0
-        cap = self.max_rows.get(name)
         b = self.batch
         if self.guidance is not None and b and x.shape[0] == 2 * b:
             # a CFG call, [uncond; cond]: the output error that reaches the sample is the guided
@@ -122,12 +124,9 @@ class _Accumulator:
             # stay those of the raw inputs, which the activation quantizer sees)
             g = self.guidance
             x = (1.0 - g) * x[:b] + g * x[b:]
-        chunks = list(self._rows(module, x, s))
-        n_rows = sum(r.shape[0] for r in chunks)
-        for rows in chunks:
-            if cap and n_rows > cap:  # a random share of this call's rows, the same share of every chunk
-                keep = max(1, round(rows.shape[0] * cap / n_rows))
-                rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[:keep]]
+        cap = self.max_rows.get(name)
+        n_rows = self._n_rows(module, x, s)
+        for rows in self._rows(module, x, s, cap if cap and n_rows > cap else None, n_rows):
             h.addmm_(rows.T, rows, alpha=self.weight)
             rows_total += rows.shape[0]
         if self.split == "fit":
@@ -137,18 +136,80 @@ class _Accumulator:
             s.rows_hold += rows_total
             s.wsum_hold += self.weight * rows_total
 
-    def _rows(self, module: nn.Module, x: torch.Tensor, s: LayerInputs):
+    @staticmethod
+    def _n_rows(module: nn.Module, x: torch.Tensor, s: LayerInputs) -> int:
+        """Rows this call contributes before any cap: a Linear's tokens, a conv's output positions."""
+        if s.kind == "linear":
+            return x.numel() // x.shape[-1]
+        return x.shape[0] * math.prod(_out_size(module, x))
+
+    def _rows(self, module: nn.Module, x: torch.Tensor, s: LayerInputs, cap: int | None, n_rows: int):
+        """The call's rows in chunks of about ``chunk_elems`` values; with ``cap``, a random share of
+        every chunk (``round(len·cap/n_rows)`` rows, at least one, drawn from ``self.gen``).
+
+        A capped conv never unfolds the whole call: the rows are drawn by index first (the same draw
+        as from the unfolded chunk, so the same rows in the same order) and only their patches are
+        gathered — at ``rows_per_k`` = 32 a call keeps a few percent of its positions, and unfolding
+        all of them cost most of the collection's time (and ``kh·kw``× the input's memory)."""
         if s.kind == "linear":
             flat = x.reshape(-1, x.shape[-1])
             step = max(1, self.chunk_elems // max(1, s.k))
             for i in range(0, flat.shape[0], step):
-                yield flat[i : i + step]
+                rows = flat[i : i + step]
+                yield rows if cap is None else rows[self._draw(rows.shape[0], cap, n_rows)]
             return
         per = s.k * (x.shape[-1] * x.shape[-2])  # an upper bound on one sample's unfolded size
         step = max(1, self.chunk_elems // max(1, per))
+        positions = math.prod(_out_size(module, x))
         for i in range(0, x.shape[0], step):
-            cols = F.unfold(x[i : i + step], module.kernel_size, module.dilation, module.padding, module.stride)
-            yield cols.transpose(1, 2).reshape(-1, s.k)
+            chunk = _padded(x[i : i + step], module)
+            if cap is None:
+                cols = F.unfold(chunk, module.kernel_size, module.dilation, 0, module.stride)
+                yield cols.transpose(1, 2).reshape(-1, s.k)
+            else:
+                yield _patches(chunk, module, self._draw(chunk.shape[0] * positions, cap, n_rows))
+
+    def _draw(self, rows: int, cap: int, n_rows: int) -> torch.Tensor:
+        keep = max(1, round(rows * cap / n_rows))
+        return torch.randperm(rows, generator=self.gen)[:keep]
+
+
+def _pads(module: nn.Module) -> tuple[int, int, int, int]:
+    """A conv's zero padding as ``(left, right, top, bottom)``; ``padding="same"`` puts the odd pixel of
+    an even total on the right and bottom, as ``F.conv2d`` does, and ``"valid"`` is none."""
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0, 0, 0, 0)
+        tot = [module.dilation[d] * (module.kernel_size[d] - 1) for d in (1, 0)]
+        return (tot[0] // 2, tot[0] - tot[0] // 2, tot[1] // 2, tot[1] - tot[1] // 2)
+    return (module.padding[1], module.padding[1], module.padding[0], module.padding[0])
+
+
+def _padded(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    pads = _pads(module)
+    return F.pad(x, pads) if any(pads) else x
+
+
+def _out_size(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """A conv's output height and width for the (unpadded) input ``x``."""
+    left, right, top, bottom = _pads(module)
+    size = (x.shape[-2] + top + bottom, x.shape[-1] + left + right)
+    return tuple((size[d] - module.dilation[d] * (module.kernel_size[d] - 1) - 1) // module.stride[d] + 1
+                 for d in range(2))
+
+
+def _patches(xp: torch.Tensor, module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of ``F.unfold(xp, …, padding=0).transpose(1, 2).reshape(-1, K)`` for an already
+    padded input ``xp`` (row = sample·positions + output position; columns channel-major, then kernel
+    row, then kernel column), gathered without unfolding the rest: the same values, copied."""
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    oh, ow = [(xp.shape[-2 + d] - module.dilation[d] * (module.kernel_size[d] - 1) - 1) // module.stride[d] + 1
+              for d in range(2)]
+    sample, pos = idx // (oh * ow), idx % (oh * ow)
+    hi = (pos // ow * sh).unsqueeze(1) + dh * torch.arange(kh)  # [n, kh]
+    wi = (pos % ow * sw).unsqueeze(1) + dw * torch.arange(kw)  # [n, kw]
+    g = xp[sample.view(-1, 1, 1), :, hi.unsqueeze(2), wi.unsqueeze(1)]  # [n, kh, kw, C]
+    return g.permute(0, 3, 1, 2).reshape(idx.numel(), -1)
 
 
 def _kind(m: nn.Module) -> str:

@@ -324,3 +324,87 @@ def test_calls_of_the_first_samples_are_whole_micro_batches_in_recording_order()
     assert calls_of_first_samples(fit, 3) == fit[:3]
     assert calls_of_first_samples(fit, 4) == fit
     assert calls_of_first_samples(fit, 100) == fit
+
+
+CONVS = [
+    nn.Conv2d(3, 5, 3, padding=1),
+    nn.Conv2d(3, 5, (3, 2), stride=2, padding=(1, 2), dilation=(2, 1)),
+    nn.Conv2d(3, 5, 1),
+    nn.Conv2d(3, 5, 4, stride=(1, 3)),
+    nn.Conv2d(3, 5, (4, 3), padding="same", dilation=(1, 2)),
+    nn.Conv2d(3, 5, 2, padding="valid"),
+]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("conv", CONVS)
+def test_a_convs_rows_times_its_weight_are_its_output(conv):
+    """The unfolded rows the statistics sum are the conv's own inputs: rows @ Wᵀ + b is its output,
+    for integer, "same" (odd total padding too) and "valid" padding, strides and dilations."""
+    from qcorrect.calibration.inputs import _out_size, _padded
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(3))
+    rows = F.unfold(_padded(x, conv), conv.kernel_size, conv.dilation, 0, conv.stride).transpose(1, 2)
+    y = conv(x)
+    assert tuple(y.shape[-2:]) == _out_size(conv, x)
+    got = (rows @ conv.weight.reshape(5, -1).T + conv.bias).transpose(1, 2).reshape(y.shape)
+    assert torch.allclose(got, y, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+def test_a_capped_conv_gathers_exactly_the_unfolded_rows_it_draws(conv):
+    """Capped convs gather only the drawn patches instead of unfolding the call: the rows must be
+    the unfolded rows with those indices, bit for bit."""
+    from qcorrect.calibration.inputs import _padded, _patches
+    x = _padded(torch.randn(4, 3, 9, 11, generator=torch.Generator().manual_seed(3)), conv)
+    full = F.unfold(x, conv.kernel_size, conv.dilation, 0, conv.stride).transpose(1, 2)
+    full = full.reshape(-1, full.shape[-1])
+    idx = torch.randperm(full.shape[0], generator=torch.Generator().manual_seed(4))[:17]
+    assert torch.equal(_patches(x, conv, idx), full[idx])
+
+
+@torch.no_grad()
+def test_capped_statistics_are_the_sums_of_the_drawn_unfolded_rows():
+    """The whole capped collection against a manual one that unfolds every call and keeps the rows
+    the same generator draws."""
+    net = Net()
+    x0 = start(4)
+    got = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, batch_size=4, max_rows=7, holdout_every=0, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    h = {"conv": torch.zeros(18, 18), "lin": torch.zeros(4, 4)}
+    x = x0
+    for n in range(len(SIGMAS) - 1):
+        s = SIGMAS[n]
+        rows = {"conv": F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18),
+                "lin": torch.tanh(net.conv(x)).permute(0, 2, 3, 1).reshape(-1, 4)}
+        for name in ("conv", "lin"):  # the hooks fire in forward order, one draw per call and layer
+            r = rows[name]
+            keep = r[torch.randperm(r.shape[0], generator=gen)[:7]]
+            h[name] += keep.T @ keep
+        x = x + (SIGMAS[n + 1] - s) * net(x)
+    for name in ("conv", "lin"):
+        assert torch.allclose(got["layers"][name].h_fit, h[name], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_conv_with_string_padding_is_collected():
+    """padding="same"/"valid" convs (their padding is not a number F.unfold takes) are collected, with
+    and without a row cap."""
+    class Same(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(2, 2, (2, 3), padding="same")
+
+        def forward(self, x):
+            return torch.tanh(self.conv(x))
+    net = Same()
+    x0 = start(4)
+    full = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, batch_size=4, holdout_every=0)
+    h, x = torch.zeros(12, 12), x0
+    for n in range(len(SIGMAS) - 1):
+        rows = F.unfold(F.pad(x, (1, 1, 0, 1)), (2, 3)).transpose(1, 2).reshape(-1, 12)
+        h += rows.T @ rows
+        x = x + (SIGMAS[n + 1] - SIGMAS[n]) * net(x)
+    assert torch.allclose(full["layers"]["conv"].h_fit, h, rtol=1e-5, atol=1e-4)
+    capped = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, batch_size=4, holdout_every=0, max_rows=5)
+    assert capped["layers"]["conv"].rows_fit == 5 * 3
