@@ -408,3 +408,33 @@ def test_a_conv_with_string_padding_is_collected():
     assert torch.allclose(full["layers"]["conv"].h_fit, h, rtol=1e-5, atol=1e-4)
     capped = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, batch_size=4, holdout_every=0, max_rows=5)
     assert capped["layers"]["conv"].rows_fit == 5 * 3
+
+
+def test_string_padded_convs_get_calibrated_rounding_end_to_end():
+    """collect_inputs → quantize_calibrated on a net whose convs pad "same" (even kernel, odd total) and
+    "valid": every layer is solved from its statistics and the model's error is below round-to-nearest's."""
+    from qcorrect.quant import quantize_model
+    from qcorrect.quant.calibrated import quantize_calibrated
+
+    class StringPadded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = nn.Conv2d(2, 64, (2, 3), padding="same")
+            self.b = nn.Conv2d(64, 64, 3, padding="same")
+            self.c = nn.Conv2d(64, 2, 1, padding="valid")
+
+        def forward(self, x):
+            return 0.1 * self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    net = StringPadded()
+    with torch.no_grad():
+        col = collect_inputs(Denoiser(net), net, sample_euler, start(24, 5), SIGMAS, batch_size=8, rows_per_k=32)
+    assert set(col["layers"]) == {"a", "b", "c"} and all(s.rows_fit > 0 for s in col["layers"].values())
+    cal = StringPadded()
+    rep = quantize_calibrated(cal, "W4A16", col["layers"])
+    assert rep["layers"]["b"]["rounding"].startswith("gptq")
+    rtn = quantize_model(StringPadded(), "W4A16")
+    x = start(8, 9)
+    with torch.no_grad():
+        assert (cal(x) - net(x)).pow(2).mean() < (rtn(x) - net(x)).pow(2).mean()
