@@ -41,7 +41,8 @@ NODE_W = {"QCorrectCalibrateErrors": 330, "QCorrectCompareToReference": 560, "CL
 # Room for what a node shows besides its slots and widgets (text reports, images, prompts).
 TALL = {"QCorrectCompareToReference": 300, "SaveImage": 260, "PreviewImage": 240, "CLIPTextEncode": 90,
         "QCorrectCalibrateErrors": 80, "QCorrectRelaxTimesteps": 60, "QCorrectQuantizeModel": 60,
-        "QCorrectCorrectedKSampler": 70, "QCorrectLoadCorrectionStats": 60, "MarkdownNote": 110}
+        "QCorrectCorrectedKSampler": 70, "QCorrectLoadCorrectionStats": 60, "MarkdownNote": 110,
+        "QCorrectQuantizeModelCalibrated": 90}
 GROUP_COLORS = ["#3f789e", "#8A8", "#a1309b", "#b58b2a", "#8AA", "#88A"]  # LiteGraph group colours
 FRONTEND_ONLY = {"Note": ["text"], "MarkdownNote": ["text"]}
 
@@ -146,6 +147,43 @@ def sd15_back() -> list:
     ]
 
 
+#: the calibrated quantizer as measured (docs/BENCHMARKS.md, summary): 64 calibration samples, the byte
+#: budget with mixed precision, the stored grid tuned for 200 iterations
+CALIBRATED = {"preset": "W4A8", "seed": CALIB_SEED, "sampler": REF["sampler"], "scheduler": REF["scheduler"],
+              "steps": REF["steps"], "cfg": REF["cfg"], "batches": 4, "rounding": "gptq", "awq": False,
+              "budget": 0.30, "early_steps_weight": 4.0, "stats_memory_gb": 4.0, "tune_iterations": 200,
+              "mixed_precision": True}
+
+
+def calibrated_nodes() -> list:
+    """Workflow 6: the recommended quantizer next to round-to-nearest, each sampled with a plain
+    KSampler on the full-precision run's seed and scored against it."""
+    common = {"seed": EVAL_SEED, "steps": REF["steps"], "cfg": REF["cfg"], "sampler_name": REF["sampler"],
+              "scheduler": REF["scheduler"], "denoise": 1.0}
+    links = {"positive": "pos", "negative": "neg", "latent_image": "latent"}
+    return [
+        N("ref", "QCorrectLoadReferenceModel", 0),
+        N("pos", "QCorrectReferenceClass", 0, {"label": "3"}, title="Reference Class (positive)"),
+        N("neg", "QCorrectReferenceClass", 0, {"label": "empty"}, title="Reference Class (negative)"),
+        N("latent", "EmptyLatentImage", 0, {"width": 112, "height": 112, "batch_size": 4}),
+        N("calib_latent", "EmptyLatentImage", 0, {"width": 112, "height": 112, "batch_size": 16},
+          title="Empty Latent Image (calibration batch)"),
+        N("cal", "QCorrectQuantizeModelCalibrated", 1, CALIBRATED,
+          {"model": "ref", "positive": "pos", "negative": "neg", "latent_image": "calib_latent"}),
+        N("rtn", "QCorrectQuantizeModel", 1, {"preset": "W4A8"}, {"model": "ref"},
+          title="Quantize Model (round-to-nearest)"),
+        N("sample_cal", "KSampler", 2, common, {"model": "cal", **links}, title="KSampler (calibrated W4A8)"),
+        N("sample_rtn", "KSampler", 2, common, {"model": "rtn", **links}, title="KSampler (round-to-nearest W4A8)"),
+        N("fp", "KSampler", 2, common, {"model": "ref", **links}, title="KSampler (full precision)"),
+        N("compare_cal", "QCorrectCompareToReference", 3, {}, {"reference": "fp", "test": "sample_cal"},
+          title="Compare: calibrated vs full precision"),
+        N("compare_rtn", "QCorrectCompareToReference", 3, {}, {"reference": "fp", "test": "sample_rtn"},
+          title="Compare: round-to-nearest vs full precision"),
+        N("decode", "VAEDecode", 4, {}, {"samples": "sample_cal", "vae": ("ref", 1)}),
+        N("save", "SaveImage", 4, {"filename_prefix": "qcorrect/calibrated"}, {"images": "decode"}),
+    ]
+
+
 def specs() -> list:
     main_groups = {"Model and conditioning": ["ref", "pos", "neg", "latent"],
                    "Quantize": ["quant"], "Calibrate (once)": ["calib"],
@@ -201,6 +239,17 @@ def specs() -> list:
                  "Correct a model quantized by ComfyUI itself: the diffusion model loaded with weight_dtype "
                  "fp8_e4m3fn (put the checkpoint, or its UNet alone, in models/diffusion_models/) is the "
                  "quantized model, the checkpoint's model is the full-precision one."),
+        Workflow("qcorrect_calibrated_quantizer", calibrated_nodes(),
+                 {"Model and conditioning": ["ref", "pos", "neg", "latent", "calib_latent"],
+                  "Quantize: calibrated and round-to-nearest": ["cal", "rtn"],
+                  "Sample (same seed)": ["sample_cal", "sample_rtn", "fp"],
+                  "Compare with full precision": ["compare_cal", "compare_rtn"], "Decode and save": ["decode", "save"]},
+                 "The recommended quantizer: Quantize Model (Calibrated) samples the full-precision model on 64 "
+                 "calibration latents (4 batches of 16, seeds 0…), rounds every layer with error compensation, spends a 0.30× fp16 "
+                 "byte budget on 3-bit and int8 layers where they matter (mixed_precision) and tunes the stored "
+                 "scales for 200 iterations; round-to-nearest (Quantize Model) beside it, both sampled on seed "
+                 "1000 and compared with full precision. No correction is needed on top (docs/BENCHMARKS.md). "
+                 "Save the result with Save Quantized Model to calibrate only once."),
         Workflow("qcorrect_relax_timesteps", reference_nodes(relax=True), relax_groups,
                  "PCR's relaxation: Relax Timesteps raises the activation precision on the steps near x0 "
                  "(fraction of the 10-step schedule the samplers use), then the relaxed model is calibrated "

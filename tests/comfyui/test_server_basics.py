@@ -26,7 +26,8 @@ SPEC = {
     "QCorrectQuantizeModelCalibrated": ("Quantize Model (Calibrated)",
                                         ["model", "preset", "positive", "negative", "latent_image", "seed",
                                          "sampler", "scheduler", "steps", "cfg", "batches", "rounding", "awq",
-                                         "budget", "early_steps_weight", "stats_memory_gb", "tune_iterations"],
+                                         "budget", "early_steps_weight", "stats_memory_gb", "tune_iterations",
+                                         "mixed_precision"],
                                         ["MODEL"]),
     "QCorrectRelaxTimesteps": ("Relax Timesteps", ["model", "fraction", "where", "bits", "steps", "scheduler"],
                                ["MODEL"]),
@@ -48,7 +49,7 @@ SPEC = {
 METHODS = ["auto", "none", "ptqd", "ptqd_vsc", "tac_ner", "tac", "tcec", "stepbaq", "ptqd_ibc", "ptqd_stepbaq",
            "tac_ner_stepbaq", "tcec_stepbaq"]
 WORKFLOWS = ["qcorrect_reference_end_to_end", "qcorrect_sd15", "qcorrect_shared_stats", "qcorrect_fp8",
-             "qcorrect_relax_timesteps"]
+             "qcorrect_relax_timesteps", "qcorrect_calibrated_quantizer"]
 
 
 def readme_bullets() -> dict:
