@@ -52,8 +52,8 @@ import torch
 from torch import nn
 
 from ..calibration.inputs import (
-    DEFAULT_ROWS_PER_K, SketchProbe, calibration_layers, collect_inputs, early_weight, layer_groups, layer_probe, probe_calls,
-    stats_bytes,
+    DEFAULT_ROWS_PER_K, SketchProbe, _k, _out_size, calibration_layers, collect_inputs, early_weight, layer_groups,
+    layer_probe, probe_calls, stats_bytes,
 )
 from ..evaluation import latent_mse, paired_bootstrap_ci
 from ..quant import PRESETS, SigmaScopedDenoiser, preset as quant_preset, quantize_model, resolve_plan
@@ -75,6 +75,7 @@ from .pipeline import (
     sample_latents, start_latent, summary,
 )
 from .sd_unet import SDUNet
+from .tuning import _context_dim
 
 LATENT = (4, 14, 14)
 
@@ -210,7 +211,54 @@ def sd15_stats_memory(max_bytes: int = SD15_STATS_MAX_BYTES) -> dict:
     largest = max(sizes, key=sizes.get)
     return {"layers": len(layers), "total_bytes": sum(sizes.values()), "largest_layer": largest,
             "largest_bytes": sizes[largest], "max_bytes": max_bytes, "passes": len(groups),
-            "peak_bytes": max(sum(sizes[n] for n in g) for g in groups)}
+            "peak_bytes": max(sum(sizes[n] for n in g) for g in groups),
+            "accumulation": [sd15_stats_macs(model, layers, samples) for samples in SD15_STATS_SAMPLES],
+            "addmm_gflops": addmm_gflops()}
+
+
+def addmm_gflops(rows: int = 4096, k: int = 2048, repeats: int = 3) -> float:
+    """This CPU's float32 ``H += Xᵀ X`` rate with the threads torch uses now (GFLOP/s, best of
+    ``repeats``): what turns :func:`sd15_stats_macs` into time."""
+    x, h = torch.randn(rows, k), torch.zeros(k, k)
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        h.addmm_(x.T, x)
+        best = min(best, time.perf_counter() - t)
+    return 2 * rows * k * k / best / 1e9
+
+
+#: calibration sets whose ``x xᵀ`` cost :func:`sd15_stats_macs` counts: Quantize Model (Calibrated)'s
+#: default (4 batches of one latent) and the reference benchmarks' 64 samples
+SD15_STATS_SAMPLES = (4, 64)
+
+
+def sd15_stats_macs(model: nn.Module, layers: dict, samples: int, latent: int = 64, steps: int = 20,
+                    rows_per_k: float = DEFAULT_ROWS_PER_K) -> dict:
+    """Multiply-adds of accumulating ``Σ x xᵀ`` for ``layers`` of the (meta-device) SD1.5-shaped UNet over
+    a calibration set of ``samples`` latents of ``latent``² sampled one latent per call for ``steps``
+    steps with CFG (each call's batch is the latent's uncond and cond pass), with ``collect_inputs``'s
+    row cap: per call and layer ``min(rows, cap)·K²``. Shapes come from one forward on the meta device."""
+    rows: dict[str, int] = {}
+
+    def hook(name):
+        def record(mod, args):
+            x = args[0]
+            rows[name] = (x.shape[0] * math.prod(_out_size(mod, x)) if isinstance(mod, nn.Conv2d)
+                          else x.numel() // x.shape[-1])
+        return record
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.device("meta"):
+            x, t, ctx = torch.empty(2, 4, latent, latent), torch.full((2,), 500.0), torch.empty(2, 77, _context_dim(model))
+            model(x, t, ctx)
+    finally:
+        for h in handles:
+            h.remove()
+    calls = samples * steps
+    macs = sum(calls * min(rows[n], max(64, int(rows_per_k * _k(m) / calls + 1))) * _k(m) ** 2
+               for n, m in layers.items())
+    return {"samples": samples, "latent": latent, "steps": steps, "macs": macs}
 
 
 #: the steps whose one-step model error ``early_error`` measures (σ ≥ this: the first 7 of 20)
@@ -768,6 +816,11 @@ def print_result(res: dict) -> None:
               f"(largest {m['largest_layer']}: {m['largest_bytes'] / 2**30:.2f} GiB); bounded to "
               f"{m['peak_bytes'] / 2**30:.2f} GiB at max_bytes={m['max_bytes'] / 2**30:.0f} GiB by {m['passes']} "
               "sampling passes")
+        for a in m.get("accumulation", []):
+            hours = f", about {2 * a['macs'] / (m['addmm_gflops'] * 1e9) / 3600:.1f} h" if m.get("addmm_gflops") else ""
+            print(f"  accumulating them for {a['samples']} latents of {a['latent'] * 8}x{a['latent'] * 8} px, {a['steps']} "
+                  f"steps with CFG: {a['macs']:.3g} multiply-adds on the CPU, where the sums live{hours} at this "
+                  f"CPU's {m.get('addmm_gflops', 0):.0f} GFLOP/s float32 addmm with {torch.get_num_threads()} thread(s)")
     if res.get("set_comparisons"):
         print("\nthe same method calibrated on another calibration set, per sample against set 1:")
         print_table(["preset", "sampler", "cfg", "A vs B", "mean MSE A/B", "median ratio", "worst ratio", "> 2x", "worse %"],

@@ -438,3 +438,20 @@ def test_the_x0_probed_budget_asks_the_probe_for_the_denoised_outputs_error(monk
     assert spaces == ["eps", "x0"]
     rows = {r["method"]: r for r in res["rows"]}
     assert rows["gptq_budget_x0_tuned"]["tuning"]["iterations"] == 2 and "allocation" in rows["gptq_budget_x0"]
+
+
+def test_sd15_statistics_cost_counts_each_layers_rows_times_k_squared_under_the_row_cap():
+    """The x xᵀ multiply-adds the SD1.5-shaped UNet's statistics cost: per call and layer, the layer's
+    rows (a conv's output positions, a Linear's tokens, for the cond and uncond pass) capped as
+    collect_inputs caps them, times K²."""
+    from qcorrect.bench.quantizers import SDUNet, sd15_stats_macs
+    with torch.device("meta"):
+        model = SDUNet()
+    conv, lin = "input_blocks.0.0", "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    layers = {conv: model.get_submodule(conv), lin: model.get_submodule(lin)}
+    rows = 2 * 8 * 8  # latent 8x8: 64 positions (conv, stride 1, padded) and 64 tokens, two passes
+    uncapped = sd15_stats_macs(model, layers, samples=3, latent=8, steps=5, rows_per_k=1e9)
+    assert uncapped["macs"] == 15 * (rows * 36**2 + rows * 320**2)
+    capped = sd15_stats_macs(model, layers, samples=3, latent=8, steps=5, rows_per_k=1)
+    # cap per call: max(64, int(K/15 + 1)) = 64 rows for the conv (K = 36), 64 for the Linear (K = 320)
+    assert capped["macs"] == 15 * (64 * 36**2 + 64 * 320**2)
