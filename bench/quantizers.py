@@ -52,8 +52,8 @@ import torch
 from torch import nn
 
 from ..calibration.inputs import (
-    DEFAULT_ROWS_PER_K, SketchProbe, _k, _out_size, calibration_layers, collect_inputs, early_weight, layer_groups,
-    layer_probe, probe_calls, stats_bytes,
+    DEFAULT_ROWS_PER_K, SketchProbe, calibration_layers, collect_inputs, early_weight, input_rows, layer_groups,
+    layer_probe, probe_calls, row_cap, stats_bytes,
 )
 from ..evaluation import latent_mse, paired_bootstrap_ci
 from ..quant import PRESETS, SigmaScopedDenoiser, preset as quant_preset, quantize_model, resolve_plan
@@ -63,6 +63,7 @@ from ..quant.calibrated import CalibratedConfig, quantize_calibrated
 from ..quant.modules import QUANT_LAYERS
 from ..quant.plan import set_activation_schedule
 from ..quant.qtypes import qtype
+from ..quant.weights import input_size
 from ..quant.relax import WHERE as RELAX_WHERE, relaxed_schedule
 from ..quant.tune import DRAWS, TuneConfig, tune_grid
 from ..reference.model import load_reference
@@ -243,9 +244,7 @@ def sd15_stats_macs(model: nn.Module, layers: dict, samples: int, latent: int = 
 
     def hook(name):
         def record(mod, args):
-            x = args[0]
-            rows[name] = (x.shape[0] * math.prod(_out_size(mod, x)) if isinstance(mod, nn.Conv2d)
-                          else x.numel() // x.shape[-1])
+            rows[name] = input_rows(mod, args[0])
         return record
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     try:
@@ -256,7 +255,7 @@ def sd15_stats_macs(model: nn.Module, layers: dict, samples: int, latent: int = 
         for h in handles:
             h.remove()
     calls = samples * steps
-    macs = sum(calls * min(rows[n], max(64, int(rows_per_k * _k(m) / calls + 1))) * _k(m) ** 2
+    macs = sum(calls * min(rows[n], row_cap(m, rows_per_k, calls)) * input_size(m.weight.shape) ** 2
                for n, m in layers.items())
     return {"samples": samples, "latent": latent, "steps": steps, "macs": macs}
 

@@ -127,7 +127,7 @@ class _Accumulator:
             g = self.guidance
             x = (1.0 - g) * x[:b] + g * x[b:]
         cap = self.max_rows.get(name)
-        n_rows = self._n_rows(module, x, s)
+        n_rows = input_rows(module, x)
         for rows in self._rows(module, x, s, cap if cap and n_rows > cap else None, n_rows):
             h.addmm_(rows.T, rows, alpha=self.weight)
             rows_total += rows.shape[0]
@@ -137,13 +137,6 @@ class _Accumulator:
         else:
             s.rows_hold += rows_total
             s.wsum_hold += self.weight * rows_total
-
-    @staticmethod
-    def _n_rows(module: nn.Module, x: torch.Tensor, s: LayerInputs) -> int:
-        """Rows this call contributes before any cap: a Linear's tokens, a conv's output positions."""
-        if s.kind == "linear":
-            return x.numel() // x.shape[-1]
-        return x.shape[0] * math.prod(_out_size(module, x))
 
     def _rows(self, module: nn.Module, x: torch.Tensor, s: LayerInputs, cap: int | None, n_rows: int):
         """The call's rows in chunks of about ``chunk_elems`` values; with ``cap``, a random share of
@@ -162,7 +155,7 @@ class _Accumulator:
             return
         per = s.k * (x.shape[-1] * x.shape[-2])  # an upper bound on one sample's unfolded size
         step = max(1, self.chunk_elems // max(1, per))
-        positions = math.prod(_out_size(module, x))
+        positions = n_rows // x.shape[0]
         for i in range(0, x.shape[0], step):
             chunk = _padded(x[i : i + step], module)
             if cap is None:
@@ -192,12 +185,26 @@ def _padded(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return F.pad(x, pads) if any(pads) else x
 
 
-def _out_size(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """A conv's output height and width for the (unpadded) input ``x``."""
+def _out_hw(module: nn.Module, height: int, width: int) -> tuple[int, int]:
+    """A conv's output height and width for an already padded input of ``height × width``."""
+    return tuple((size - module.dilation[d] * (module.kernel_size[d] - 1) - 1) // module.stride[d] + 1
+                 for d, size in enumerate((height, width)))
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> int:
+    """Rows one call with input ``x`` adds to a layer's statistics before any cap: a Linear's tokens,
+    a conv's output positions over the batch."""
+    if not isinstance(module, nn.Conv2d):
+        return x.numel() // x.shape[-1]
     left, right, top, bottom = _pads(module)
-    size = (x.shape[-2] + top + bottom, x.shape[-1] + left + right)
-    return tuple((size[d] - module.dilation[d] * (module.kernel_size[d] - 1) - 1) // module.stride[d] + 1
-                 for d in range(2))
+    return x.shape[0] * math.prod(_out_hw(module, x.shape[-2] + top + bottom, x.shape[-1] + left + right))
+
+
+def row_cap(module: nn.Module, rows_per_k: float | None, calls: int, max_rows: int | None = None) -> int | None:
+    """The rows a layer keeps per call (None: all): ``rows_per_k·K`` spread over ``calls`` calls, at least
+    64, and at most ``max_rows``."""
+    c = [v for v in (max_rows, None if not rows_per_k else max(64, int(rows_per_k * _k(module) / calls + 1))) if v]
+    return min(c) if c else None
 
 
 def _patches(xp: torch.Tensor, module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
@@ -205,8 +212,7 @@ def _patches(xp: torch.Tensor, module: nn.Module, idx: torch.Tensor) -> torch.Te
     padded input ``xp`` (row = sample·positions + output position; columns channel-major, then kernel
     row, then kernel column), gathered without unfolding the rest: the same values, copied."""
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    oh, ow = [(xp.shape[-2 + d] - module.dilation[d] * (module.kernel_size[d] - 1) - 1) // module.stride[d] + 1
-              for d in range(2)]
+    oh, ow = _out_hw(module, xp.shape[-2], xp.shape[-1])
     sample, pos = idx // (oh * ow), idx % (oh * ow)
     hi = (pos // ow * sh).unsqueeze(1) + dh * torch.arange(kh)  # [n, kh]
     wi = (pos % ow * sw).unsqueeze(1) + dw * torch.arange(kw)  # [n, kw]
@@ -319,10 +325,7 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
     total = len(groups) * len(batches)
     done = 0
     calls = len(batches) * (int(sigmas.numel()) - 1)  # one model call per step (euler, ancestral, dpmpp_2m)
-    caps = {}
-    for name, m in chosen.items():
-        c = [v for v in (max_rows, None if not rows_per_k else max(64, int(rows_per_k * _k(m) / calls + 1))) if v]
-        caps[name] = min(c) if c else None
+    caps = {name: row_cap(m, rows_per_k, calls, max_rows) for name, m in chosen.items()}
     calls: dict[str, list] = {"fit": [], "hold": []}
     adjoint_seconds = 0.0
     for gi, group in enumerate(groups):

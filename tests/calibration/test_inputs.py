@@ -341,11 +341,11 @@ CONVS = [
 def test_a_convs_rows_times_its_weight_are_its_output(conv):
     """The unfolded rows the statistics sum are the conv's own inputs: rows @ Wᵀ + b is its output,
     for integer, "same" (odd total padding too) and "valid" padding, strides and dilations."""
-    from qcorrect.calibration.inputs import _out_size, _padded
+    from qcorrect.calibration.inputs import _padded, input_rows
     x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(3))
     rows = F.unfold(_padded(x, conv), conv.kernel_size, conv.dilation, 0, conv.stride).transpose(1, 2)
     y = conv(x)
-    assert tuple(y.shape[-2:]) == _out_size(conv, x)
+    assert input_rows(conv, x) == y.shape[0] * y.shape[-2] * y.shape[-1]
     got = (rows @ conv.weight.reshape(5, -1).T + conv.bias).transpose(1, 2).reshape(y.shape)
     assert torch.allclose(got, y, atol=1e-5)
 
