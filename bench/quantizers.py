@@ -58,12 +58,12 @@ from ..calibration.inputs import (
 from ..evaluation import latent_mse, paired_bootstrap_ci
 from ..quant import PRESETS, SigmaScopedDenoiser, preset as quant_preset, quantize_model, resolve_plan
 from ..quant.activations import ACT_RANGES
-from ..quant.budget import RANK_STEP, layer_bytes
+from ..quant.budget import RANK_STEP, layer_bytes, lower_type
 from ..quant.calibrated import CalibratedConfig, quantize_calibrated
 from ..quant.modules import QUANT_LAYERS
 from ..quant.plan import set_activation_schedule
 from ..quant.qtypes import qtype
-from ..quant.weights import input_size
+from ..quant.weights import blob_nbytes, input_size
 from ..quant.relax import WHERE as RELAX_WHERE, relaxed_schedule
 from ..quant.tune import DRAWS, TuneConfig, tune_grid
 from ..reference.model import load_reference
@@ -213,8 +213,31 @@ def sd15_stats_memory(max_bytes: int = SD15_STATS_MAX_BYTES) -> dict:
     return {"layers": len(layers), "total_bytes": sum(sizes.values()), "largest_layer": largest,
             "largest_bytes": sizes[largest], "max_bytes": max_bytes, "passes": len(groups),
             "peak_bytes": max(sum(sizes[n] for n in g) for g in groups),
+            "solver_bytes": solver_bytes(model, PRESETS["W4A8"]),
             "accumulation": [sd15_stats_macs(model, layers, samples) for samples in SD15_STATS_SAMPLES],
             "addmm_gflops": addmm_gflops()}
+
+
+def solver_bytes(model: nn.Module, plan, max_rank: int = 32) -> int:
+    """What ``CalibratedSolver`` keeps of ``model``'s layers once their statistics are dropped, under the
+    mixed default (int8, rank, kept, uint3): per quantized layer its packed storage at its own type, at
+    int8 and at 3 bits, the branch factors at ``max_rank`` (float32) and the singular values (float64);
+    int8 storage for the plan's 16-bit layers. Counted from the shapes (works on the meta device; the
+    storage tensors are exactly the packed blob's bytes)."""
+    decisions = resolve_plan(model, plan)
+    layers = {n: m for n, m in calibration_layers(model).items() if decisions.get(n, {}).get("weight")}
+    kept = {n: m for n, m in calibration_layers(model).items()
+            if n in decisions and decisions[n]["weight"] is None and decisions[n]["fallback"] is None}
+    total = 0
+    for n, m in layers.items():
+        shape = tuple(m.weight.shape)
+        out, k = shape[0], input_size(shape)
+        own = decisions[n]["weight"]
+        total += blob_nbytes(qtype(own), shape) + blob_nbytes(qtype("int8"), shape)
+        low = lower_type(own, shape)
+        total += 0 if low is None else blob_nbytes(qtype(low), shape)
+        total += 4 * min(max_rank, out, k) * (out + k) + 8 * min(out, k)
+    return total + sum(blob_nbytes(qtype("int8"), tuple(m.weight.shape)) for m in kept.values())
 
 
 def addmm_gflops(rows: int = 4096, k: int = 2048, repeats: int = 3) -> float:
@@ -814,7 +837,10 @@ def print_result(res: dict) -> None:
         print(f"SD1.5-shaped UNet: input statistics of its {m['layers']} W4 layers take {m['total_bytes'] / 2**30:.1f} GiB "
               f"(largest {m['largest_layer']}: {m['largest_bytes'] / 2**30:.2f} GiB); bounded to "
               f"{m['peak_bytes'] / 2**30:.2f} GiB at max_bytes={m['max_bytes'] / 2**30:.0f} GiB by {m['passes']} "
-              "sampling passes")
+              "sampling passes, each group solved and dropped when its pass ends")
+        if "solver_bytes" in m:
+            print(f"  what the solver keeps of every layer instead (packed storage at its own type, int8 and 3 bits, "
+                  f"rank-32 branch factors): {m['solver_bytes'] / 2**30:.2f} GiB")
         for a in m.get("accumulation", []):
             hours = f", about {2 * a['macs'] / (m['addmm_gflops'] * 1e9) / 3600:.1f} h" if m.get("addmm_gflops") else ""
             print(f"  accumulating them for {a['samples']} latents of {a['latent'] * 8}x{a['latent'] * 8} px, {a['steps']} "

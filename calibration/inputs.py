@@ -14,9 +14,12 @@ inputs unfolded to ``in·kh·kw`` columns, as GPTQ treats convs), plus per-chann
   noisy first steps, where most of the final error is made (docs/BENCHMARKS.md, "The ceiling").
 * **Memory**: the sums take ``2·K²`` float32 per layer. With ``max_bytes`` the layers are split, in
   registration order, into groups whose sums fit, and the calibration set is sampled once per group
-  (sampling is deterministic, so every group sees the same trajectories): the peak is one group's
-  sums plus one unfold chunk. Unfolded rows are processed in chunks of at most ``chunk_elems``
-  values.
+  (sampling is deterministic, so every group sees the same trajectories). With ``consume`` each
+  group's statistics are handed over as soon as its pass ends and are not kept (e.g.
+  ``quant.calibrated.CalibratedSolver.add``, which solves those layers and keeps only their
+  solutions): the peak is then one group's sums plus one unfold chunk. Without it every group's
+  statistics are returned together, and the peak is all of them. Unfolded rows are processed in
+  chunks of at most ``chunk_elems`` values.
 * **Cost**: accumulating ``x xᵀ`` costs ``rows·K²`` per call, far more than the forward pass for the
   wide convolutions at high resolution. ``rows_per_k`` caps each layer's rows at about
   ``rows_per_k·K`` in total (spread evenly over the calls: a random share of every call's rows,
@@ -272,7 +275,8 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
                    batch_size: int = 16, step_weight: Callable[[float], float] | None = None,
                    max_bytes: int | None = None, max_rows: int | None = None, rows_per_k: float | None = None,
                    chunk_elems: int = 1 << 24, guidance: float | None = None, record_calls: bool = False,
-                   adjoints: int = 0, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict:
+                   adjoints: int = 0, seed: int = 0, progress: Callable[[int, int], None] | None = None,
+                   consume: Callable[[dict[str, LayerInputs]], None] | None = None) -> dict:
     """Sample ``denoiser`` (FP, the denoiser protocol) from ``x_init`` ``[N, C, H, W]`` over ``sigmas``
     with ``sample_fn`` and return ``{"layers": {name: LayerInputs}, "seconds", "passes", "peak_stats_bytes",
     "n_fit", "n_hold"}``.
@@ -281,6 +285,8 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
     every float Linear/Conv2d). ``extra`` tensors with first dimension N are split per sample.
     ``noise_sampler_factory(indices)`` gives ancestral samplers the noise of those samples.
     ``progress(done, total)`` is called after each micro-batch of each pass.
+    ``consume(group)``: called with each group's statistics (``{name: LayerInputs}``) when its pass ends,
+    which are then dropped (``"layers"`` is empty): what bounds the memory by ``max_bytes`` ("Memory").
 
     ``record_calls``: also return ``"calls": {"fit": [...], "hold": [...]}``, every model call of the first
     pass as ``(x, sigma, extra, D_fp)`` (what ``quant.tune.tune_grid`` fits the grid to; the states
@@ -356,7 +362,13 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
                 done += 1
                 if progress is not None:
                     progress(done, total)
-        result.update(acc.finish())
+        finished = acc.finish()
+        del acc  # before the next group's sums are allocated: one group's sums at a time
+        if consume is None:
+            result.update(finished)
+        else:
+            consume(finished)
+        del finished
         if recording and adjoints:  # outside the hooks' scope: these passes must not enter the sums
             ta = time.perf_counter()
             for b, (split, idx, ex, first) in enumerate(spans):
@@ -371,7 +383,8 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
             adjoint_seconds = time.perf_counter() - ta
     return {"layers": result, "seconds": time.perf_counter() - t0, "passes": len(groups),
             **({"adjoint_seconds": adjoint_seconds} if record_calls and adjoints else {}),
-            "peak_stats_bytes": max(sum(sizes[g] for g in group) for group in groups),
+            "peak_stats_bytes": (max(sum(sizes[g] for g in group) for group in groups) if consume is not None
+                                 else sum(sizes.values())),
             "n_fit": len(fit), "n_hold": len(hold), **({"calls": calls} if record_calls else {})}
 
 

@@ -33,7 +33,7 @@ from ..calibration.inputs import (
 )
 from ..quant import PRESETS, plan_summary
 from ..quant import preset as quant_preset
-from ..quant.calibrated import CalibratedConfig, calibrated_summary, quantize_calibrated
+from ..quant.calibrated import CalibratedConfig, CalibratedSolver, calibrated_summary
 from ..quant.tune import TuneConfig, tune_grid
 from . import patching
 from .calibrate import CALIBRATION_SAMPLERS, GuidedRun, ancestral_noise, calibration_set
@@ -46,14 +46,16 @@ SKETCH_SAMPLES, SKETCHES = 8, 4
 
 def collect_model_inputs(model, base, positive, negative, latent_image, seed, sampler, scheduler, steps, cfg,
                          batches, baked, early_steps_weight: float = 4.0, stats_memory_gb: float = 4.0,
-                         record_calls: bool = False) -> dict:
+                         record_calls: bool = False, consume=None) -> dict:
     """Sample ``model`` (as a patcher around our copy ``base``) over the calibration set and stream the
     per-layer input statistics of ``base``'s diffusion model.
 
     The statistics live in host RAM, two float32 ``K×K`` sums per layer (52 GiB for all of SD1.5's
-    W4 layers): at most ``stats_memory_gb`` are held at once, the layers being collected in as many
+    W4 layers): at most ``stats_memory_gb`` are collected at once, the layers being collected in as many
     sampling passes of the calibration set as that takes (deterministic sampling: every pass sees the
-    same trajectories, so the result does not depend on the bound, only the time). Each layer keeps
+    same trajectories, so the result does not depend on the bound, only the time). With ``consume``
+    (:meth:`CalibratedSolver.add`) each group is solved and dropped when its pass ends, so that is
+    also all the statistics ever held; without it every group is returned. Each layer keeps
     about ``DEFAULT_ROWS_PER_K × K`` input rows in all, which bounds the ``x xᵀ`` cost whatever the
     resolution. The inputs of the calls with σ ≥ 3 weigh ``early_steps_weight`` (the first steps
     make most of the final error; docs/BENCHMARKS.md, "Calibrated quantizers")."""
@@ -75,7 +77,8 @@ def collect_model_inputs(model, base, positive, negative, latent_image, seed, sa
             factory = lambda idx: make(int(idx[0]), int(idx[0]) + len(idx))  # noqa: E731
         return collect_inputs(q, patching.diffusion_model(work), sample_fn, x_init, sigmas, {}, batch_size=bs,
                               noise_sampler_factory=factory, seed=int(seed), step_weight=weight,
-                              max_bytes=max_bytes, rows_per_k=DEFAULT_ROWS_PER_K, record_calls=record_calls)
+                              max_bytes=max_bytes, rows_per_k=DEFAULT_ROWS_PER_K, record_calls=record_calls,
+                              consume=consume)
 
     guider = comfy.samplers.CFGGuider(work)
     guider.set_conds(positive, negative)
@@ -250,9 +253,13 @@ class QuantizeModelCalibrated(io.ComfyNode):
         config = CalibratedConfig(rounding=rounding, awq=bool(awq), budget=float(budget) or None,
                                   budget_options=options).validate()
         sample_base, baked = patching.baked_copy(model, plan)
+        # the copy that is quantized (never loaded by ComfyUI): each group of layers is solved from its
+        # statistics as soon as their sampling pass ends, and the statistics are dropped
+        base, baked_q = patching.baked_copy(model, plan)
+        solver = CalibratedSolver(base.diffusion_model, plan, config)
         collected = collect_model_inputs(model, sample_base, positive, negative, latent_image, seed, sampler,
                                          scheduler, steps, cfg, batches, baked, early_steps_weight, stats_memory_gb,
-                                         record_calls=int(tune_iterations) > 0 or mixed)
+                                         record_calls=int(tune_iterations) > 0 or mixed, consume=solver.add)
         sensitivity = None
         if mixed:  # the sensitivities come from the sampled float copy, before a fresh copy is quantized
             work = patching.new_model_patcher(model, sample_base, drop_patches=baked)
@@ -260,9 +267,8 @@ class QuantizeModelCalibrated(io.ComfyNode):
                                              scheduler=scheduler).sigmas
             sensitivity = GuidedSketch(model, sample_base, baked, positive, negative, latent_image, seed, sigmas, cfg,
                                        collected["calls"]["fit"], early_steps_weight)
-        base, baked_q = patching.baked_copy(model, plan)  # a fresh copy: the sampled one was loaded by ComfyUI
         with torch.no_grad():
-            quantize_calibrated(base.diffusion_model, plan, collected["layers"], config, sensitivity=sensitivity)
+            solver.finish(sensitivity)
         del sample_base, sensitivity
         out = patching.new_model_patcher(model, base, drop_patches=baked_q)
         tuned = None
@@ -273,8 +279,8 @@ class QuantizeModelCalibrated(io.ComfyNode):
                                int(tune_iterations), early_steps_weight)
         lines = [plan_summary(base.diffusion_model), calibrated_summary(base.diffusion_model),
                  f"calibration: {collected['n_fit']} + {collected['n_hold']} held-out samples, input statistics "
-                 f"{collected['seconds']:.1f} s in {collected['passes']} sampling pass(es), peak "
-                 f"{collected['peak_stats_bytes'] / 2**20:.1f} MiB",
+                 f"{collected['seconds']:.1f} s in {collected['passes']} sampling pass(es), at most "
+                 f"{collected['peak_stats_bytes'] / 2**20:.1f} MiB of them held at once",
                  f"model size {out.model_size() / 2**20:.1f} MiB (input {model.model_size() / 2**20:.1f} MiB)"]
         if tuned is not None:
             lines.append(f"grid tuning: {tuned['iterations']} iterations in {tuned['seconds']:.1f} s, held-out loss "

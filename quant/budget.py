@@ -34,12 +34,21 @@ gives back the ranks it had. Branches are kept only where they lower the held-ou
   much at both); the chosen layers are then solved at 3 bits for real (:func:`apply_allocation`).
   Layers with input scales (AWQ) keep their precision, since their scales were searched for it.
   Without ``uint3`` the greedy allocation above runs unchanged.
+
+Everything an allocation may give a layer is solved by :func:`prepare` while the layer's calibration
+statistics exist — its int8 and 3-bit solutions, the 3-bit error ratio, the weighted SVD's factors at
+the largest rank and the held-out error at every rank the allocation can reach — so the allocation and
+:func:`apply_allocation` never read the statistics. That is what lets calibration drop each group of
+layers' ``K×K`` sums as soon as its layers are solved (``calibrated.CalibratedSolver``): the
+SD1.5-shaped UNet's 52 GiB of sums are never held at once. The price is solving every layer's
+candidates, not only the chosen ones' (on the reference model a few seconds).
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -74,7 +83,94 @@ def _channels(m: nn.Module) -> int:
     return m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups
 
 
-def allocate(module, plan, floats: dict, solutions: dict, inputs: dict, cfg, sensitivity=None) -> dict:
+@dataclass
+class Candidates:
+    """What the allocation may give one layer, solved from its statistics by :func:`prepare`.
+
+    ``int8`` / ``low``: ``(storage, rounding, held-out error)`` of the layer at int8 / at ``low_type``
+    (3-bit codes, same groups), ``low_ratio`` the ratio of the two precisions' round-to-nearest
+    held-out errors (the allocation's estimate of the 3-bit error). ``s``: the weighted residual's
+    singular values; ``a`` ``[out, R]`` / ``b`` ``[R, K]`` the branch factors at the largest reachable
+    rank ``R``, already rounded to fp16 (the factors of rank ``r`` are their first ``r`` columns / rows);
+    ``rank_errors[r]`` the held-out error with the rank-``r`` branch added."""
+
+    int8: tuple | None = None
+    low_type: str | None = None
+    low: tuple | None = None
+    low_ratio: float | None = None
+    s: torch.Tensor | None = None
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    rank_errors: dict = field(default_factory=dict)
+
+
+def reachable_ranks(max_rank: int, singular_values: int) -> list[int]:
+    """The ranks the allocation can give a layer: steps of ``RANK_STEP`` up to ``min(max_rank, len(S))``."""
+    top, ranks, r = min(max_rank, singular_values), [], 0
+    while min(r + RANK_STEP, top) > r:
+        r = min(r + RANK_STEP, top)
+        ranks.append(r)
+    return ranks
+
+
+def _solve_at(w2: torch.Tensor, weight_type: str, st, cfg, name: str) -> tuple:
+    """``(storage, rounding, held-out error)``: round-to-nearest or GPTQ (activation order) at
+    ``weight_type``, whichever has the lower held-out error."""
+    from .gptq import gptq_quantize
+
+    qt = qtype(weight_type)
+    cands = {"rtn": quantize_weight(w2, qt, name)}
+    if cfg.rounding == "gptq":
+        cands["gptq_act_order"] = gptq_quantize(w2, st.h_fit, qt, cfg.damp, True, layer=name)
+    errs = {k: output_error(w2, dequantize_weight(v, qt, w2.shape, torch.float32), st.h_hold) for k, v in cands.items()}
+    best = min(errs, key=errs.get)
+    return cands[best], best, errs[best]
+
+
+def prepare(name: str, weight: torch.Tensor, sol, st, cfg) -> None:
+    """Solve what the budget may give layer ``name`` (``sol``: its solution, ``st``: its statistics) into
+    ``sol.candidates`` — nothing for a layer the allocation never touches (no usable statistics, no
+    error, or a plan's 16-bit layer, whose only item needs no statistics)."""
+    if cfg.budget is None or st is None or sol.kept or sol.err_hold <= 0:
+        return
+    shape = tuple(weight.shape)
+    w2 = _flat(weight)
+    cand = Candidates()
+    if "int8" in cfg.budget_options and sol.weight_type != "int8":
+        cand.int8 = _solve_at(w2, "int8", st, cfg, name)
+    low = None if sol.input_scale is not None else lower_type(sol.weight_type, shape)
+    if "uint3" in cfg.budget_options and low is not None and sol.err_rtn_hold > 0:
+        cand.low_type, cand.low_ratio = low, _rtn_error(w2, low, st.h_hold.double()) / sol.err_rtn_hold
+        cand.low = _solve_at(w2, low, st, cfg, name)
+    if "rank" in cfg.budget_options and cfg.max_rank > 0:
+        resid = w2.double() - _effective(sol, shape)
+        u, s, vh, low_factor = weighted_svd(resid, st.h_fit, cfg.damp)
+        ranks = reachable_ranks(cfg.max_rank, s.numel())
+        cand.s = s
+        if ranks:
+            a, b = factors(u, s, vh, low_factor, ranks[-1])
+            cand.a, cand.b = a.half().float(), b.half().float()
+            cand.rank_errors = _rank_errors(resid, sol.err_hold, cand.a, cand.b, st.h_hold, ranks)
+    sol.candidates = cand
+
+
+def _rank_errors(resid: torch.Tensor, err: float, a: torch.Tensor, b: torch.Tensor, h: torch.Tensor,
+                 ranks: list[int]) -> dict[int, float]:
+    """Held-out error ``tr((E − A_r B_r) H (E − A_r B_r)ᵀ)`` for every rank ``r`` in ``ranks``, with
+    ``err = tr(E H Eᵀ)`` known: ``err − 2·tr(A_r B_r H Eᵀ) + tr(A_r (B_r H B_rᵀ) A_rᵀ)``, which costs
+    ``R·K²`` for all ranks together instead of ``out·K²`` per rank."""
+    a, b, h = a.double(), b.double(), h.double()
+    p = b @ h  # [R, K]
+    cross = p @ resid.T  # [R, out]: row i is b_i H Eᵀ
+    gram = p @ b.T  # [R, R]
+    out = {}
+    for r in ranks:
+        ar = a[:, :r]
+        out[r] = err - 2.0 * float((ar * cross[:r].T).sum()) + float(((ar @ gram[:r, :r]) * ar).sum())
+    return out
+
+
+def allocate(module, plan, floats: dict, solutions: dict, cfg, sensitivity=None) -> dict:
     """Choose int8 (and, with ``uint3``, 3-bit) layers and ranks under ``cfg.budget``; returns the
     allocation report."""
     total_fp16 = fp16_bytes(module)
@@ -110,15 +206,15 @@ def allocate(module, plan, floats: dict, solutions: dict, inputs: dict, cfg, sen
         else:
             weights[name] = 1.0 / max(sol.out_energy_hold, 1e-30)
     if "uint3" in cfg.budget_options:
-        return _allocate_mixed(report, floats, solutions, inputs, cfg, weights, savings, headroom, total_fp16, base)
+        return _allocate_mixed(report, floats, solutions, cfg, weights, savings, headroom, total_fp16, base)
     heap = []  # (−benefit per byte, tiebreak, kind, name, payload)
     for name, cost in savings.items():  # keeping a plan layer at 16-bit removes its int8 error
         sol = solutions[name]
         if name in weights and cost > 0:
             heapq.heappush(heap, (-weights[name] * sol.err_hold / cost, len(heap), "keep16", name, cost))
     for name, sol in solutions.items():
-        m, st = floats[name], inputs.get(name)
-        if name not in weights or st is None or sol.kept:
+        m, cand = floats[name], sol.candidates
+        if name not in weights or cand is None or sol.kept:
             continue
         shape, w8 = tuple(m.weight.shape), "int8"
         if "int8" in cfg.budget_options and sol.weight_type != w8:
@@ -126,8 +222,6 @@ def allocate(module, plan, floats: dict, solutions: dict, inputs: dict, cfg, sen
                      - (2 * _channels(m) if sol.input_scale is not None else 0))
             heapq.heappush(heap, (-weights[name] * sol.err_hold / max(extra, 1), len(heap), "int8", name, extra))
         if "rank" in cfg.budget_options and cfg.max_rank > 0:
-            resid = _flat(m.weight).double() - _effective(sol, shape)
-            sol.svd = weighted_svd(resid, st.h_fit, cfg.damp)
             _push_rank(heap, name, sol, 0, cfg, weights, shape)
     ranks: dict[str, int] = {}
     int8: set[str] = set()
@@ -179,7 +273,7 @@ def _rtn_error(w2: torch.Tensor, weight_type: str, h: torch.Tensor) -> float:
     return output_error(w2, dequantize_weight(quantize_weight(w2, qt), qt, w2.shape, torch.float32), h)
 
 
-def _allocate_mixed(report, floats, solutions, inputs, cfg, weights, savings, headroom, total_fp16, base) -> dict:
+def _allocate_mixed(report, floats, solutions, cfg, weights, savings, headroom, total_fp16, base) -> dict:
     """The ``uint3`` allocation (module docstring): every layer picks 3-bit, its own type or int8 (the
     plan's 16-bit layers int8 or 16-bit) by a Lagrangian relaxation under the headroom, then single
     upgrades and ranks spend what is left."""
@@ -197,7 +291,8 @@ def _allocate_mixed(report, floats, solutions, inputs, cfg, weights, savings, he
             if "kept" in cfg.budget_options:
                 options[name].append(("keep16", savings[name], 0.0))
             continue
-        if name not in weights or inputs.get(name) is None:
+        cand = sol.candidates
+        if name not in weights or cand is None:
             continue
         w = weights[name]
         opts = [("base", 0, w * sol.err_hold)]
@@ -206,12 +301,10 @@ def _allocate_mixed(report, floats, solutions, inputs, cfg, weights, savings, he
         if "int8" in cfg.budget_options and sol.weight_type != "int8":
             extra = layer_bytes("int8", shape, False, 0, False, 0) - here - (2 * _channels(m) if scaled else 0)
             opts.append(("int8", extra, 0.0))
-        low = None if scaled else lower_type(sol.weight_type, shape)
-        if low is not None and sol.err_rtn_hold > 0:
-            w2, h = _flat(m.weight), inputs[name].h_hold.double()
-            ratio = _rtn_error(w2, low, h) / sol.err_rtn_hold
+        if cand.low is not None:
+            ratio = cand.low_ratio
             sol.calib["uint3_error_ratio"] = round(ratio, 3)
-            opts.append(("uint3", layer_bytes(low, shape, False, 0, False, 0) - here, w * sol.err_hold * ratio))
+            opts.append(("uint3", layer_bytes(cand.low_type, shape, False, 0, False, 0) - here, w * sol.err_hold * ratio))
         options[name] = opts
     room = headroom - fixed
     names = sorted(options)
@@ -268,13 +361,10 @@ def _allocate_mixed(report, floats, solutions, inputs, cfg, weights, savings, he
     if "rank" in cfg.budget_options and cfg.max_rank > 0:
         heap = []
         for n, k in kind.items():
-            sol, st = solutions[n], inputs.get(n)
-            if k != "base" or sol.kept or st is None:
+            sol = solutions[n]
+            if k != "base" or sol.kept or sol.candidates is None:
                 continue
-            shape = tuple(floats[n].weight.shape)
-            resid = _flat(floats[n].weight).double() - _effective(sol, shape)
-            sol.svd = weighted_svd(resid, st.h_fit, cfg.damp)
-            _push_rank(heap, n, sol, 0, cfg, weights, shape)
+            _push_rank(heap, n, sol, 0, cfg, weights, tuple(floats[n].weight.shape))
         while heap:
             neg, _, _, n, (r0, r1) = heapq.heappop(heap)
             shape = tuple(floats[n].weight.shape)
@@ -297,7 +387,7 @@ def _allocate_mixed(report, floats, solutions, inputs, cfg, weights, savings, he
 
 
 def _push_rank(heap, name, sol, r0, cfg, weights, shape):
-    s = sol.svd[1]
+    s = sol.candidates.s
     r1 = min(r0 + RANK_STEP, cfg.max_rank, s.numel())
     if r1 <= r0:
         return
@@ -319,55 +409,35 @@ def _effective(sol, shape) -> torch.Tensor:
     return q
 
 
-def apply_allocation(floats: dict, solutions: dict, inputs: dict, allocation: dict, cfg) -> None:
-    """Put the allocation into the solutions: int8 or 3-bit storage (round-to-nearest or GPTQ,
-    whichever has the lower held-out error) and the low-rank factors, each branch kept only where it
-    lowers the held-out error (fp16-rounded factors)."""
-    from .gptq import gptq_quantize
-
+def apply_allocation(floats: dict, solutions: dict, allocation: dict, cfg) -> None:
+    """Put the allocation into the solutions from what :func:`prepare` solved: int8 or 3-bit storage
+    (round-to-nearest or GPTQ, whichever has the lower held-out error) and the low-rank factors, each
+    branch kept only where it lowers the held-out error (fp16-rounded factors)."""
     for name in allocation.get("int8", []):
-        m, sol, st = floats[name], solutions[name], inputs[name]
-        w2 = _flat(m.weight)
-        qt = qtype("int8")
-        cands = {"rtn": quantize_weight(w2, qt, name)}
-        if cfg.rounding == "gptq":
-            cands["gptq_act_order"] = gptq_quantize(w2, st.h_fit, qt, cfg.damp, True, layer=name)
-        errs = {k: output_error(w2, dequantize_weight(v, qt, w2.shape, torch.float32), st.h_hold) for k, v in cands.items()}
-        best = min(errs, key=errs.get)
-        sol.weight_type, sol.storage, sol.input_scale = "int8", cands[best], None
-        sol.calib.update(budget="int8", rounding=best, held_out_error_vs_rtn=round(errs[best] / sol.err_rtn_hold, 4)
+        sol = solutions[name]
+        storage, rounding, err = sol.candidates.int8
+        sol.weight_type, sol.storage, sol.input_scale = "int8", storage, None
+        sol.calib.update(budget="int8", rounding=rounding, held_out_error_vs_rtn=round(err / sol.err_rtn_hold, 4)
                          if sol.err_rtn_hold > 0 else 1.0)
         sol.calib.pop("awq_alpha", None)
-        sol.err_hold = errs[best]
+        sol.err_hold = err
     for name in allocation.get("uint3", []):
-        m, sol, st = floats[name], solutions[name], inputs[name]
-        w2 = _flat(m.weight)
-        low = lower_type(sol.weight_type, tuple(m.weight.shape))
-        qt = qtype(low)
-        cands = {"rtn": quantize_weight(w2, qt, name)}
-        if cfg.rounding == "gptq":
-            cands["gptq_act_order"] = gptq_quantize(w2, st.h_fit, qt, cfg.damp, True, layer=name)
-        errs = {k: output_error(w2, dequantize_weight(v, qt, w2.shape, torch.float32), st.h_hold) for k, v in cands.items()}
-        best = min(errs, key=errs.get)
-        sol.weight_type, sol.storage = low, cands[best]
-        sol.calib.update(budget=low, rounding=best, held_out_error_vs_rtn=round(errs[best] / sol.err_rtn_hold, 4)
-                         if sol.err_rtn_hold > 0 else 1.0)
-        sol.err_hold = errs[best]
+        sol = solutions[name]
+        storage, rounding, err = sol.candidates.low
+        sol.weight_type, sol.storage = sol.candidates.low_type, storage
+        sol.calib.update(budget=sol.weight_type, rounding=rounding,
+                         held_out_error_vs_rtn=round(err / sol.err_rtn_hold, 4) if sol.err_rtn_hold > 0 else 1.0)
+        sol.err_hold = err
     for name, rank in allocation.get("ranks", {}).items():
-        m, sol, st = floats[name], solutions[name], inputs[name]
-        shape = tuple(m.weight.shape)
-        u, s, vh, low = sol.svd
-        a, b = factors(u, s, vh, low, rank)
-        a, b = a.half().float(), b.half().float()
-        w2 = _flat(m.weight).double()
-        eff = _effective(sol, shape) + (a.double() @ b.double())
-        err = output_error(w2, eff, st.h_hold)
+        sol = solutions[name]
+        cand = sol.candidates
+        err = cand.rank_errors[rank]
         if err < sol.err_hold:
-            sol.lowrank = (a, b)
+            sol.lowrank = (cand.a[:, :rank].contiguous(), cand.b[:rank].contiguous())
             sol.calib.update(rank=rank, held_out_error_vs_rtn=round(err / sol.err_rtn_hold, 4)
                              if sol.err_rtn_hold > 0 else 1.0)
             sol.err_hold = err
         else:
             sol.calib["rank_note"] = f"rank {rank} did not lower the held-out error → no branch"
     for sol in solutions.values():
-        sol.svd = None
+        sol.candidates = None

@@ -93,11 +93,12 @@ class LayerSolution:
     act_16bit: bool = False
     calib: dict = field(default_factory=dict)
     kept: bool = False  # a layer the plan keeps in 16-bit, solved at int8 as a budget candidate
-    # for the budget: held-out output errors and the weighted SVD of the residual
+    # for the budget: held-out output errors, and what the allocation may give the layer
+    # (``budget.prepare``, solved while the statistics exist)
     err_hold: float = 0.0
     err_rtn_hold: float = 0.0
     out_energy_hold: float = 0.0
-    svd: tuple | None = None
+    candidates: object | None = None
 
 
 def _flat(w: torch.Tensor) -> torch.Tensor:
@@ -192,75 +193,141 @@ def quantize_calibrated(module: nn.Module, plan: QuantPlan | str | None, inputs:
     ``sensitivity`` (per layer, e.g. its measured share of the end-to-end error) weights the budget:
     a dict, a probe ``probe(name, weight)`` called per layer, or an object with ``batch({name: weight})``
     (``calibration.inputs.SketchProbe``) called once for every layer.
-    Returns a report: per-layer choices, counts and seconds."""
-    from .budget import allocate, apply_allocation
+    Returns a report: per-layer choices, counts and seconds. (:class:`CalibratedSolver` does the same
+    with the statistics arriving in groups, each of which may be dropped once solved.)"""
+    solver = CalibratedSolver(module, plan, config, progress)
+    solver.add(inputs)
+    return solver.finish(sensitivity)
 
-    cfg = (config or CalibratedConfig()).validate()
-    plan = _as_plan(plan)
-    t0 = time.perf_counter()
-    decisions = resolve_plan(module, plan)
-    todo = {n: d for n, d in decisions.items() if d["weight"]}
-    solutions: dict[str, LayerSolution] = {}
-    floats = {n: module.get_submodule(n) for n in todo}
-    for i, (name, d) in enumerate(todo.items()):
-        solutions[name] = solve_layer(name, floats[name].weight, inputs.get(name), d["weight"], d["act"], cfg)
-        if progress is not None:
-            progress(i + 1, len(todo))
-    allocation = None
-    if cfg.budget is not None and "kept" in cfg.budget_options:
-        for name, d in decisions.items():
-            if d["weight"] is None and d["fallback"] is None:  # kept 16-bit by the plan, not by a misfit
-                floats[name] = module.get_submodule(name)
-                sol = solve_layer(name, floats[name].weight, inputs.get(name), "int8", None, cfg)
-                sol.kept = True
-                solutions[name] = sol
-    if cfg.budget is not None and hasattr(sensitivity, "batch"):  # a probe of every layer at once
-        sensitivity = {n: float(v) for n, v in sensitivity.batch(
-            {n: _effective_weight(sol, floats[n].weight.shape) for n, sol in solutions.items()}).items()}
-    elif cfg.budget is not None and callable(sensitivity):  # a probe: measure each layer's share now
-        sensitivity = {n: float(sensitivity(n, _effective_weight(sol, floats[n].weight.shape)))
-                       for n, sol in solutions.items()}
-    if cfg.budget is not None:
-        allocation = allocate(module, plan, floats, solutions, inputs, cfg, sensitivity)
-        apply_allocation(floats, solutions, inputs, allocation, cfg)
-        for name in allocation.get("kept_16bit", []):
-            del solutions[name]
-    context = get_context(module) or attach_context(module)
-    demoted = {}
-    for name, sol in solutions.items():
-        if sol.kept:  # stored at int8 with 16-bit activations, like a W8A16 layer
-            cls = QuantLinear if isinstance(floats[name], nn.Linear) else QuantConv2d
-            demoted[name] = cls.from_float(floats[name], "int8", ActQuantizer(None, "none", context, name), name)
-            sol.calib["budget"] = "int8 (kept 16-bit by the plan; int8 weights, 16-bit activations)"
-    quantize_model(module, plan)
-    for name, new in demoted.items():
-        _set_submodule(module, name, new)
-        module.__dict__[KEPT_ATTR].pop(name, None)
-    layers = quantized_layers(module)
-    for name, sol in solutions.items():
-        layer = layers[name]
-        if sol.weight_type != layer.wqtype.name:
-            cls = QuantLinear if isinstance(layer, QuantLinear) else QuantConv2d
-            new = cls.from_float(floats[name], sol.weight_type, layer.act, name)
-            new.fallback = layer.fallback
+
+class CalibratedSolver:
+    """:func:`quantize_calibrated` in two halves, for statistics that do not fit in memory together.
+
+    :meth:`add` solves the layers of a group of statistics — the rounding, and everything a byte budget
+    may give them (``budget.prepare``) — and keeps only the solutions (packed storage, a few vectors
+    and factors), so the caller can drop that group's ``K×K`` sums before collecting the next
+    (``calibration.inputs.collect_inputs(consume=solver.add)``). :meth:`finish` rounds the layers no
+    statistics arrived for to nearest, measures the sensitivities, allocates the budget and writes
+    the model. The result is the same whatever the grouping: every layer is solved from its own
+    statistics only, and the allocation sees the layers in the plan's order.
+
+    ``module`` holds the float weights to solve from and is quantized in place by :meth:`finish`; the
+    statistics may live on another device than its weights (each weight is read onto theirs)."""
+
+    def __init__(self, module: nn.Module, plan: QuantPlan | str | None, config: CalibratedConfig | None = None,
+                 progress=None) -> None:
+        self.cfg = (config or CalibratedConfig()).validate()
+        self.module, self.plan = module, _as_plan(plan)
+        self.progress = progress
+        self.decisions = resolve_plan(module, self.plan)
+        self.todo = {n: d for n, d in self.decisions.items() if d["weight"]}
+        # the plan's 16-bit layers (not misfits), solved at int8 as budget candidates
+        self.kept = ([n for n, d in self.decisions.items() if d["weight"] is None and d["fallback"] is None]
+                     if self.cfg.budget is not None and "kept" in self.cfg.budget_options else [])
+        self.solutions: dict[str, LayerSolution] = {}
+        self.seconds = 0.0
+        self.finished = False
+
+    @property
+    def layers(self) -> list[str]:
+        """The layers whose statistics this solver uses (the others' are ignored by :meth:`add`)."""
+        return [*self.todo, *self.kept]
+
+    def add(self, inputs: dict[str, LayerInputs | None]) -> None:
+        """Solve the layers of ``inputs`` (``None``: no statistics, round-to-nearest); layers the plan does
+        not quantize are ignored, a layer given twice is an error (its statistics are not summed)."""
+        if self.finished:
+            raise QuantizationError("this calibrated solver has already written its model")
+        t0 = time.perf_counter()
+        for name, stats in inputs.items():
+            if name not in self.todo and name not in self.kept:
+                continue
+            if name in self.solutions:
+                raise QuantizationError(f"layer {name!r}: statistics given twice")
+            self._solve(name, stats)
+        self.seconds += time.perf_counter() - t0
+
+    def _solve(self, name: str, stats: LayerInputs | None) -> None:
+        from .budget import prepare
+
+        w = self.module.get_submodule(name).weight
+        if stats is not None:
+            w = w.detach().to(stats.h_fit.device)
+        kept = name not in self.todo
+        sol = solve_layer(name, w, stats, "int8" if kept else self.todo[name]["weight"],
+                          None if kept else self.todo[name]["act"], self.cfg)
+        sol.kept = kept
+        prepare(name, w, sol, stats, self.cfg)
+        self.solutions[name] = sol
+        if self.progress is not None and not kept:
+            self.progress(sum(1 for n in self.solutions if n in self.todo), len(self.todo))
+
+    def finish(self, sensitivity=None) -> dict:
+        """Round the layers without statistics to nearest, spend the budget (weighted by
+        ``sensitivity``, as :func:`quantize_calibrated`'s) and quantize the module; returns the report."""
+        from .budget import allocate, apply_allocation
+
+        if self.finished:
+            raise QuantizationError("this calibrated solver has already written its model")
+        t0 = time.perf_counter()
+        cfg, module, plan = self.cfg, self.module, self.plan
+        for name in self.layers:
+            if name not in self.solutions:
+                self._solve(name, None)
+        self.finished = True
+        solutions = {n: self.solutions[n] for n in self.layers}  # the plan's order, whatever the groups'
+        floats = {n: module.get_submodule(n) for n in solutions}
+        allocation = None
+        if cfg.budget is not None and hasattr(sensitivity, "batch"):  # a probe of every layer at once
+            sensitivity = {n: float(v) for n, v in sensitivity.batch(
+                {n: _effective_weight(sol, floats[n].weight.shape) for n, sol in solutions.items()}).items()}
+        elif cfg.budget is not None and callable(sensitivity):  # a probe: measure each layer's share now
+            sensitivity = {n: float(sensitivity(n, _effective_weight(sol, floats[n].weight.shape)))
+                           for n, sol in solutions.items()}
+        if cfg.budget is not None:
+            allocation = allocate(module, plan, floats, solutions, cfg, sensitivity)
+            apply_allocation(floats, solutions, allocation, cfg)
+            for name in allocation.get("kept_16bit", []):
+                del solutions[name]
+        else:
+            solutions = {n: sol for n, sol in solutions.items() if not sol.kept}
+        context = get_context(module) or attach_context(module)
+        demoted = {}
+        for name, sol in solutions.items():
+            if sol.kept:  # stored at int8 with 16-bit activations, like a W8A16 layer
+                cls = QuantLinear if isinstance(floats[name], nn.Linear) else QuantConv2d
+                demoted[name] = cls.from_float(floats[name], "int8", ActQuantizer(None, "none", context, name), name)
+                sol.calib["budget"] = "int8 (kept 16-bit by the plan; int8 weights, 16-bit activations)"
+        quantize_model(module, plan)
+        for name, new in demoted.items():
             _set_submodule(module, name, new)
-            layer = new
-        layer.set_storage(sol.storage)
-        layer.set_input_scale(sol.input_scale)
-        if sol.lowrank is not None:
-            layer.set_lowrank(*sol.lowrank)
-        if sol.act_16bit:
-            layer.act.qtype, layer.act.mode = None, "none"
-        layer.calib = sol.calib
-    report = {
-        "config": asdict(cfg),
-        "layers": {n: s.calib for n, s in solutions.items()},
-        "seconds": round(time.perf_counter() - t0, 2),
-        "allocation": allocation,
-    }
-    module.__dict__[CALIB_ATTR] = {k: v for k, v in report.items() if k != "layers"}
-    report["summary"] = calibrated_summary(module)
-    return report
+            module.__dict__[KEPT_ATTR].pop(name, None)
+        layers = quantized_layers(module)
+        for name, sol in solutions.items():
+            layer = layers[name]
+            if sol.weight_type != layer.wqtype.name:
+                cls = QuantLinear if isinstance(layer, QuantLinear) else QuantConv2d
+                new = cls.from_float(floats[name], sol.weight_type, layer.act, name)
+                new.fallback = layer.fallback
+                _set_submodule(module, name, new)
+                layer = new
+            layer.set_storage(sol.storage)
+            layer.set_input_scale(sol.input_scale)
+            if sol.lowrank is not None:
+                layer.set_lowrank(*sol.lowrank)
+            if sol.act_16bit:
+                layer.act.qtype, layer.act.mode = None, "none"
+            layer.calib = sol.calib
+        report = {
+            "config": asdict(cfg),
+            "layers": {n: s.calib for n, s in solutions.items()},
+            "seconds": round(self.seconds + time.perf_counter() - t0, 2),
+            "allocation": allocation,
+        }
+        module.__dict__[CALIB_ATTR] = {k: v for k, v in report.items() if k != "layers"}
+        report["summary"] = calibrated_summary(module)
+        self.solutions.clear()
+        return report
 
 
 def calibrated_summary(module: nn.Module) -> str:

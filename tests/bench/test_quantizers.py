@@ -455,3 +455,32 @@ def test_sd15_statistics_cost_counts_each_layers_rows_times_k_squared_under_the_
     capped = sd15_stats_macs(model, layers, samples=3, latent=8, steps=5, rows_per_k=1)
     # cap per call: max(64, int(K/15 + 1)) = 64 rows for the conv (K = 36), 64 for the Linear (K = 320)
     assert capped["macs"] == 15 * (64 * 36**2 + 64 * 320**2)
+
+
+def test_the_solver_bytes_reported_for_sd15_are_what_the_solver_keeps():
+    """bench's ``solver_bytes`` (from shapes alone) equals the bytes a CalibratedSolver keeps after its
+    layers' statistics are dropped, under the mixed default, on a small net."""
+    from qcorrect.bench.quantizers import solver_bytes
+    from qcorrect.quant.calibrated import CalibratedConfig, CalibratedSolver
+    from tests.quant.test_calibrated import Net, batches, stats_of
+
+    def nbytes(obj):
+        if torch.is_tensor(obj):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(nbytes(v) for v in obj.values())
+        if isinstance(obj, (tuple, list)):
+            return sum(nbytes(v) for v in obj)
+        return 0
+
+    net = Net().eval()
+    stats = stats_of(net, batches(48, 1), batches(24, 2))
+    solver = CalibratedSolver(Net(), "W4A8", CalibratedConfig(budget=0.45, budget_options=("int8", "rank", "kept", "uint3")))
+    solver.add(stats)
+    kept = 0
+    for sol in solver.solutions.values():
+        kept += nbytes(sol.storage)
+        c = sol.candidates
+        if c is not None:
+            kept += nbytes(c.int8[0]) + nbytes(c.low[0]) + nbytes([c.a, c.b, c.s])
+    assert kept == solver_bytes(Net(), "W4A8") > 0

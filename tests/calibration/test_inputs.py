@@ -90,10 +90,79 @@ def test_a_memory_bound_splits_the_layers_into_passes_with_the_same_result():
     sizes = stats_bytes({"conv": net.conv, "lin": net.lin})
     bounded = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, max_bytes=sizes["conv"])
     assert bounded["passes"] == 2 and one["passes"] == 1
-    assert bounded["peak_stats_bytes"] == sizes["conv"] < one["peak_stats_bytes"]
+    # every group is returned, so all of them are held at the end
+    assert bounded["peak_stats_bytes"] == one["peak_stats_bytes"] == sizes["conv"] + sizes["lin"]
     for n in ("conv", "lin"):
         assert torch.equal(bounded["layers"][n].h_fit, one["layers"][n].h_fit)
     assert layer_groups({"conv": net.conv, "lin": net.lin}, 1) == [["conv"], ["lin"]]
+
+
+@torch.no_grad()
+def test_consumed_groups_are_handed_over_one_at_a_time_and_not_kept():
+    """``consume``: each group's statistics go to the consumer when its pass ends and the collector keeps
+    no reference to them, so one group's sums are all it ever holds."""
+    import gc
+    import weakref
+
+    net = Net()
+    x0 = start()
+    one = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS)
+    sizes = stats_bytes({"conv": net.conv, "lin": net.lin})
+    seen, alive = {}, []
+
+    def consume(group):
+        gc.collect()
+        alive.append([r() is not None for r in seen.values()])  # the earlier groups' sums, after the handover
+        for n, st in group.items():
+            seen[n] = weakref.ref(st.h_fit)
+            assert torch.equal(st.h_fit, one["layers"][n].h_fit) and torch.equal(st.h_hold, one["layers"][n].h_hold)
+
+    res = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, max_bytes=sizes["conv"], consume=consume)
+    gc.collect()
+    assert list(seen) == ["conv", "lin"] and alive == [[], [False]]
+    assert all(r() is None for r in seen.values())
+    assert res["layers"] == {} and res["passes"] == 2 and res["peak_stats_bytes"] == sizes["conv"]
+
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(2, 64, 3, padding=1)
+        self.b = nn.Conv2d(64, 64, 3, padding=1)
+        self.c = nn.Linear(64, 128)
+        self.d = nn.Linear(128, 64)
+        self.e = nn.Conv2d(64, 2, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.b(torch.tanh(self.a(x))))
+        t = self.d(torch.tanh(self.c(h.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+        return 0.1 * self.e(h + t)
+
+
+def test_calibration_streamed_into_the_solver_gives_the_model_of_all_statistics_at_once():
+    """The node's path: collect_inputs(consume=CalibratedSolver.add) under a memory bound of one layer's
+    sums, then finish, is the model quantize_calibrated makes from every statistic held at once."""
+    from qcorrect.quant.calibrated import CalibratedConfig, CalibratedSolver, quantize_calibrated
+
+    net = Wide()
+    x0 = start(24, 5)
+    cfg = CalibratedConfig(budget=0.45, budget_options=("int8", "rank", "kept", "uint3"))
+    with torch.no_grad():
+        col = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, batch_size=8, rows_per_k=32)
+    whole = Wide()
+    rep = quantize_calibrated(whole, "W4A8", col["layers"], cfg)
+    solver = CalibratedSolver(Wide(), "W4A8", cfg)
+    smallest = min(stats_bytes({n: net.get_submodule(n) for n in "abcde"}).values())
+    with torch.no_grad():
+        streamed = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, batch_size=8, rows_per_k=32,
+                                  max_bytes=smallest, consume=solver.add)
+    rep2 = solver.finish()
+    assert streamed["passes"] == 5 and streamed["peak_stats_bytes"] < col["peak_stats_bytes"]
+    assert rep["layers"] == rep2["layers"] and rep["allocation"] == rep2["allocation"]
+    sa, sb = whole.state_dict(), solver.module.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert rep["allocation"]["int8"] or rep["allocation"]["ranks"] or rep["allocation"].get("uint3")
 
 
 def test_an_empty_or_too_small_calibration_set_is_refused():

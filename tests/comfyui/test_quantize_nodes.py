@@ -276,7 +276,8 @@ def test_calibrated_quantize_model_rounds_with_error_compensation(comfy, fp):
 
 def test_a_memory_bound_collects_the_statistics_in_more_passes_with_the_same_result(comfy, fp):
     """Quantize Model (Calibrated)'s ``stats_memory_gb``: layers whose statistics do not fit together are
-    collected in further sampling passes; the statistics are the same, and the progress bar counts every pass."""
+    collected in further sampling passes and handed to the solver group by group (``consume``); the
+    statistics are the same, only one group is held at a time, and the progress bar counts every pass."""
     from comfy import utils
     from nodekit import conditioning
     from qcorrect.calibration.inputs import calibration_layers, stats_bytes
@@ -287,23 +288,44 @@ def test_a_memory_bound_collects_the_statistics_in_more_passes_with_the_same_res
     plan = preset("W4A8")
     args = (conditioning(0), conditioning(1, 0.0), {"samples": torch.zeros(2, 4, 8, 8)}, 3, "euler", "normal", 3, 3.0, 2)
     total = sum(stats_bytes(calibration_layers(fp.get_model_object("diffusion_model"))).values())
-    runs = {}
-    for gb in (64.0, total / 3 / 2**30):
+    runs, groups = {}, []
+    for gb, consume in ((64.0, None), (total / 3 / 2**30, groups.append)):
         base, baked = patching.baked_copy(fp, plan)
         updates = []
         utils.set_progress_bar_global_hook(lambda value, total_, preview, node_id=None: updates.append((value, total_)))
         try:
-            runs[gb] = (collect_model_inputs(fp, base, *args, baked, 4.0, gb), updates)
+            runs[gb] = (collect_model_inputs(fp, base, *args, baked, 4.0, gb, consume=consume), updates)
         finally:
             utils.set_progress_bar_global_hook(None)
     (one, up1), (many, upn) = runs.values()
-    assert one["passes"] == 1 and many["passes"] >= 3
-    assert many["peak_stats_bytes"] < one["peak_stats_bytes"]
+    assert one["passes"] == 1 and many["passes"] >= 3 and len(groups) == many["passes"]
+    assert many["layers"] == {} and many["peak_stats_bytes"] < one["peak_stats_bytes"] == total
+    assert max(sum(s.nbytes() for s in g.values()) for g in groups) <= many["peak_stats_bytes"]
     assert up1[-1] == (3 * 2, 3 * 2) and upn[-1] == (many["passes"] * 6, many["passes"] * 6)
-    assert one["layers"].keys() == many["layers"].keys()
+    got = {n: s for g in groups for n, s in g.items()}
+    assert one["layers"].keys() == got.keys()
     for name, s in one["layers"].items():
-        assert torch.allclose(s.h_fit, many["layers"][name].h_fit, rtol=1e-5, atol=1e-6), name
-        assert torch.allclose(s.h_hold, many["layers"][name].h_hold, rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(s.h_fit, got[name].h_fit, rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(s.h_hold, got[name].h_hold, rtol=1e-5, atol=1e-6), name
+
+
+def test_the_calibrated_node_makes_the_same_model_under_any_statistics_memory_bound(comfy, fp):
+    """The node solves each group of layers as its pass ends and drops its statistics: a bound that
+    forces several passes gives the same quantized weights as one pass."""
+    from nodekit import conditioning
+    from qcorrect.calibration.inputs import calibration_layers, stats_bytes
+    from qcorrect.nodes.quantize_calibrated import QuantizeModelCalibrated
+
+    total = sum(stats_bytes(calibration_layers(fp.get_model_object("diffusion_model"))).values())
+    outs = []
+    for gb in (64.0, total / 3 / 2**30):
+        (q,), text = node_output(QuantizeModelCalibrated.execute(
+            fp, "W4A8", conditioning(0), conditioning(1, 0.0), {"samples": torch.zeros(2, 4, 8, 8)}, 0, "euler",
+            "normal", 3, 3.0, 2, "gptq", False, 0.3, 4.0, gb, 0, False))
+        outs.append((_weights(q), text))
+    (a, ta), (b, tb) = outs
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "1 sampling pass(es)" in ta and "1 sampling pass(es)" not in tb and "held at once" in tb
 
 
 def test_cancelling_a_calibrated_quantization_leaves_no_model_and_the_input_untouched(comfy, fp):

@@ -10,7 +10,7 @@ from torch import nn
 from qcorrect.bench.common import resident_bytes
 from qcorrect.quant import QuantizationError, load_quantized, quantization_plan, quantize_model, quantized_layers, save_quantized
 from qcorrect.quant.budget import fp16_bytes
-from qcorrect.quant.calibrated import CalibratedConfig, calibrated_summary, quantize_calibrated
+from qcorrect.quant.calibrated import CalibratedConfig, CalibratedSolver, calibrated_summary, quantize_calibrated
 from qcorrect.quant.layerinputs import LayerInputs
 
 
@@ -346,3 +346,79 @@ def test_statistics_singular_even_after_damping_fall_back_to_round_to_nearest(se
         gptq_mod.gptq_quantize(torch.randn(4, 64), torch.eye(64), "uint4_g64")
     rep = quantize_calibrated(Net(), "W4A16", stats)
     assert all(c["rounding"] == "rtn" and "singular" in c["gptq_error"] for c in rep["layers"].values())
+
+
+def _same_model(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("cfg", [
+    CalibratedConfig(budget=0.45),
+    CalibratedConfig(budget=0.45, awq=True),
+    CalibratedConfig(budget=0.45, budget_options=("int8", "rank", "kept", "uint3"), act_order="both"),
+    CalibratedConfig(budget=0.45, budget_options=("rank",), max_rank=6),
+    CalibratedConfig(),
+], ids=["greedy", "awq", "mixed", "rank", "no-budget"])
+def test_statistics_added_in_groups_give_the_same_model_as_all_at_once(setting, cfg):
+    """CalibratedSolver: layers solved group by group (any order, each group's statistics then dropped)
+    give the model quantize_calibrated makes from all statistics at once, bit for bit: each layer's
+    budget candidates are solved from its own statistics and the allocation sees the plan's order."""
+    net, stats, test = setting
+    whole = Net()
+    rep = quantize_calibrated(whole, "W4A8", stats, cfg, sensitivity={"mid": 0.5, "a": 2.0, "b": 1.0})
+    solver = CalibratedSolver(Net(), "W4A8", cfg)
+    names = list(stats)
+    for group in (names[3:], names[1:3], names[:1]):
+        solver.add({n: LayerInputs(**vars(stats[n])) for n in group})
+    rep2 = solver.finish(sensitivity={"mid": 0.5, "a": 2.0, "b": 1.0})
+    assert _same_model(whole, solver.module)
+    assert rep["layers"] == rep2["layers"] and rep["allocation"] == rep2["allocation"]
+    if cfg.budget is not None:
+        assert rep["allocation"]["int8"] or rep["allocation"]["ranks"] or rep["allocation"].get("uint3")
+
+
+def test_the_solver_keeps_no_statistics_and_refuses_misuse(setting):
+    import gc
+    import weakref
+
+    net, stats, _ = setting
+    solver = CalibratedSolver(Net(), "W4A16", CalibratedConfig(budget=0.3, budget_options=("int8", "rank", "kept", "uint3")))
+    group = {n: LayerInputs(**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in vars(stats[n]).items()})
+             for n in ("mid", "a")}
+    refs = [weakref.ref(s.h_fit) for s in group.values()] + [weakref.ref(s.h_hold) for s in group.values()]
+    solver.add(group)
+    del group
+    gc.collect()
+    assert all(r() is None for r in refs)  # nothing the solver keeps refers to the K×K sums
+    with pytest.raises(QuantizationError, match="given twice"):
+        solver.add({"mid": stats["mid"]})
+    solver.add({"not_a_layer": stats["mid"]})  # layers the plan does not quantize are ignored
+    rep = solver.finish()
+    # conv_in, b and conv_out got no statistics: rounded to nearest, with a note
+    assert "no calibration statistics" in rep["layers"]["b"]["note"]
+    assert rep["layers"]["mid"]["rounding"].startswith(("gptq", "rtn")) and "note" not in rep["layers"]["a"]
+    for call in (lambda: solver.add({"a": stats["a"]}), solver.finish):
+        with pytest.raises(QuantizationError, match="already written"):
+            call()
+
+
+def test_the_held_out_errors_of_every_rank_match_a_direct_computation(setting):
+    """budget.prepare's rank errors (one R·K² product for all ranks) equal tr(ΔW H ΔWᵀ) of each branch."""
+    from qcorrect.quant.budget import _effective, _flat, prepare, reachable_ranks
+    from qcorrect.quant.calibrated import solve_layer
+    from qcorrect.quant.gptq import output_error
+
+    net, stats, _ = setting
+    cfg = CalibratedConfig(budget=0.3, budget_options=("rank",), max_rank=10).validate()
+    m = net.get_submodule("mid")
+    sol = solve_layer("mid", m.weight, stats["mid"], "uint4_g64", None, cfg)
+    prepare("mid", m.weight, sol, stats["mid"], cfg)
+    cand = sol.candidates
+    assert sorted(cand.rank_errors) == reachable_ranks(10, cand.s.numel()) == [4, 8, 10]
+    w2 = _flat(m.weight)
+    for r, err in cand.rank_errors.items():
+        eff = _effective(sol, tuple(m.weight.shape)) + cand.a[:, :r].double() @ cand.b[:r].double()
+        assert err == pytest.approx(output_error(w2, eff, stats["mid"].h_hold), rel=1e-9)
+    assert cand.rank_errors[10] < cand.rank_errors[4] < sol.err_hold
+    assert reachable_ranks(32, 3) == [3] and reachable_ranks(0, 50) == []
