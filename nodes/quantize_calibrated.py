@@ -16,15 +16,17 @@ codes unchanged, zero extra bytes, kept only if the held-out loss drops). That i
 through the model once per iteration, run with autograd re-enabled inside ComfyUI's inference mode
 on normal-tensor copies of what our copy of the model holds (ComfyUI's own training node does the
 same); it needs the activation memory of one model call's backward pass, hence off by default.
-Progress bar over the sampling (and the tuning); cancel stops within one model call and leaves the
-input untouched.
+Progress bar over the sampling (and the tuning), and one over the layers solved after each sampling pass;
+cancel stops within one model call or one layer's solve and leaves the input untouched.
 """
 
 from __future__ import annotations
 
 import math
 
+import comfy.model_management
 import comfy.samplers
+import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
@@ -256,7 +258,13 @@ class QuantizeModelCalibrated(io.ComfyNode):
         # the copy that is quantized (never loaded by ComfyUI): each group of layers is solved from its
         # statistics as soon as their sampling pass ends, and the statistics are dropped
         base, baked_q = patching.baked_copy(model, plan)
-        solver = CalibratedSolver(base.diffusion_model, plan, config)
+        solve_bar = comfy.utils.ProgressBar(1)
+
+        def solved(done, total):  # a second bar over the layers solved (between sampling passes); cancel point
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            solve_bar.update_absolute(done, total)
+
+        solver = CalibratedSolver(base.diffusion_model, plan, config, progress=solved)
         collected = collect_model_inputs(model, sample_base, positive, negative, latent_image, seed, sampler,
                                          scheduler, steps, cfg, batches, baked, early_steps_weight, stats_memory_gb,
                                          record_calls=int(tune_iterations) > 0 or mixed, consume=solver.add)

@@ -354,6 +354,39 @@ def test_cancelling_a_calibrated_quantization_leaves_no_model_and_the_input_unto
     assert all(torch.equal(before[k], v) for k, v in _weights(fp).items())
 
 
+def test_the_layers_solve_has_its_own_progress_bar_and_can_be_cancelled(comfy, fp):
+    """Between sampling passes the node solves the finished group's layers: a second bar counts them
+    (total = the plan's quantized layers), and cancel stops it within one layer, input untouched."""
+    from comfy import model_management, utils
+    from nodekit import conditioning
+    from qcorrect.nodes.quantize_calibrated import QuantizeModelCalibrated
+    from qcorrect.quant import preset, resolve_plan
+
+    layers = sum(1 for d in resolve_plan(fp.get_model_object("diffusion_model"), preset("W4A8")).values() if d["weight"])
+    sampling_calls = 3 * 2
+    assert layers > sampling_calls  # the two bars are told apart by their totals
+    before = _weights(fp)
+    updates = []
+
+    def hook(value, total, preview, node_id=None):
+        updates.append((value, total))
+        if total == layers:  # the bar's first update is always sent (later ones are throttled)
+            model_management.interrupt_current_processing(True)
+
+    utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(model_management.InterruptProcessingException):
+            QuantizeModelCalibrated.execute(fp, "W4A8", conditioning(0), conditioning(1, 0.0),
+                                            {"samples": torch.zeros(2, 4, 8, 8)}, 0, "euler", "normal", 3, 3.0, 2,
+                                            "gptq", False, 0.0)
+    finally:
+        utils.set_progress_bar_global_hook(None)
+        model_management.interrupt_current_processing(False)
+    assert (sampling_calls, sampling_calls) in updates  # the sampling pass ran to its end first
+    assert [v for v, t in updates if t == layers] == [1]  # stopped at the next layer
+    assert all(torch.equal(before[k], v) for k, v in _weights(fp).items())
+
+
 def _calibrated(fp, tune_iterations, preset="W4A16"):
     from nodekit import conditioning
     from qcorrect.nodes.quantize_calibrated import QuantizeModelCalibrated
