@@ -52,8 +52,8 @@ import torch
 from torch import nn
 
 from ..calibration.inputs import (
-    DEFAULT_ROWS_PER_K, SketchProbe, calibration_layers, collect_inputs, early_weight, input_rows, layer_groups,
-    layer_probe, probe_calls, row_cap, stats_bytes,
+    DEFAULT_ROWS_PER_K, SketchProbe, add_gram, calibration_layers, collect_inputs, early_weight, gram_macs,
+    input_rows, layer_groups, layer_probe, probe_calls, row_cap, stats_bytes,
 )
 from ..evaluation import latent_mse, paired_bootstrap_ci
 from ..quant import PRESETS, SigmaScopedDenoiser, preset as quant_preset, quantize_model, resolve_plan
@@ -241,15 +241,16 @@ def solver_bytes(model: nn.Module, plan, max_rank: int = 32) -> int:
 
 
 def addmm_gflops(rows: int = 4096, k: int = 2048, repeats: int = 3) -> float:
-    """This CPU's float32 ``H += Xᵀ X`` rate with the threads torch uses now (GFLOP/s, best of
-    ``repeats``): what turns :func:`sd15_stats_macs` into time."""
+    """This CPU's float32 rate of the statistics' update ``H += Xᵀ X`` (``calibration.inputs.add_gram``,
+    triangular at this K) with the threads torch uses now (GFLOP/s of the multiply-adds it does, best
+    of ``repeats``): what turns :func:`sd15_stats_macs` into time."""
     x, h = torch.randn(rows, k), torch.zeros(k, k)
     best = math.inf
     for _ in range(repeats):
         t = time.perf_counter()
-        h.addmm_(x.T, x)
+        add_gram(h, x)
         best = min(best, time.perf_counter() - t)
-    return 2 * rows * k * k / best / 1e9
+    return 2 * gram_macs(k, rows) / best / 1e9
 
 
 #: calibration sets whose ``x xᵀ`` cost :func:`sd15_stats_macs` counts: Quantize Model (Calibrated)'s
@@ -278,7 +279,7 @@ def sd15_stats_macs(model: nn.Module, layers: dict, samples: int, latent: int = 
         for h in handles:
             h.remove()
     calls = samples * steps
-    macs = sum(calls * min(rows[n], row_cap(m, rows_per_k, calls)) * input_size(m.weight.shape) ** 2
+    macs = sum(calls * gram_macs(input_size(m.weight.shape), min(rows[n], row_cap(m, rows_per_k, calls)))
                for n, m in layers.items())
     return {"samples": samples, "latent": latent, "steps": steps, "macs": macs}
 

@@ -443,7 +443,7 @@ def test_the_x0_probed_budget_asks_the_probe_for_the_denoised_outputs_error(monk
 def test_sd15_statistics_cost_counts_each_layers_rows_times_k_squared_under_the_row_cap():
     """The x xᵀ multiply-adds the SD1.5-shaped UNet's statistics cost: per call and layer, the layer's
     rows (a conv's output positions, a Linear's tokens, for the cond and uncond pass) capped as
-    collect_inputs caps them, times K²."""
+    collect_inputs caps them, times K² (about half that for K ≥ 1024, whose sums are triangular)."""
     from qcorrect.bench.quantizers import SDUNet, sd15_stats_macs
     with torch.device("meta"):
         model = SDUNet()
@@ -455,6 +455,11 @@ def test_sd15_statistics_cost_counts_each_layers_rows_times_k_squared_under_the_
     capped = sd15_stats_macs(model, layers, samples=3, latent=8, steps=5, rows_per_k=1)
     # cap per call: max(64, int(K/15 + 1)) = 64 rows for the conv (K = 36), 64 for the Linear (K = 320)
     assert capped["macs"] == 15 * (64 * 36**2 + 64 * 320**2)
+    # a wide layer (K = 2560·9 = 45 blocks of 512) sums only its upper block triangle: (K² + 512·K)/2 per row;
+    # at an 8×8 latent output_blocks.0 runs at 1×1, one position per pass
+    wide = "output_blocks.0.0.in_layers.2"
+    tri = sd15_stats_macs(model, {wide: model.get_submodule(wide)}, samples=3, latent=8, steps=5, rows_per_k=1e9)
+    assert tri["macs"] == 15 * 2 * (23040**2 + 512 * 23040) // 2
 
 
 def test_the_solver_bytes_reported_for_sd15_are_what_the_solver_keeps():

@@ -507,3 +507,55 @@ def test_string_padded_convs_get_calibrated_rounding_end_to_end():
     x = start(8, 9)
     with torch.no_grad():
         assert (cal(x) - net(x)).pow(2).mean() < (rtn(x) - net(x)).pow(2).mean()
+
+
+@pytest.mark.parametrize("k", [100, 1024, 1300, 2048])
+def test_the_triangular_gram_update_is_the_full_one(k):
+    """add_gram + mirror_upper: the same symmetric Σ w·x xᵀ as a full addmm (the upper blocks are the same
+    dot products, bit for bit here; the lower ones their mirror), at about half the multiply-adds."""
+    from qcorrect.calibration.inputs import TRI_BLOCK, add_gram, gram_macs, mirror_upper
+
+    g = torch.Generator().manual_seed(k)
+    full, tri = torch.zeros(k, k), torch.zeros(k, k)
+    for n, w in ((37, 1.0), (300, 4.0)):
+        x = torch.randn(n, k, generator=g)
+        full.addmm_(x.T, x, alpha=w)
+        add_gram(tri, x, w)
+    mirror_upper(tri)
+    assert torch.equal(tri, tri.T)
+    assert torch.allclose(tri, full, rtol=1e-6, atol=1e-4)
+    assert torch.equal(torch.triu(tri), torch.triu(full)) or k < 2 * TRI_BLOCK
+    if k < 2 * TRI_BLOCK:
+        assert torch.equal(tri, full) and gram_macs(k, 10) == 10 * k * k
+    else:
+        assert gram_macs(k, 10) <= 0.75 * 10 * k * k  # (1 + TRI_BLOCK/K)/2 of the full update
+        assert gram_macs(k, 10) == 10 * sum(min(TRI_BLOCK, k - i) * (k - i) for i in range(0, k, TRI_BLOCK))
+
+
+@torch.no_grad()
+def test_a_wide_layers_triangular_statistics_match_a_manual_sum():
+    """Through collect_inputs: a Linear with K = 1100 (triangular update) gets the full symmetric sums."""
+    class WideLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.up = nn.Linear(2, 1100)
+            self.down = nn.Linear(1100, 2)
+
+        def forward(self, x):
+            t = x.permute(0, 2, 3, 1)
+            return 0.1 * self.down(torch.tanh(self.up(t))).permute(0, 3, 1, 2)
+
+    net = WideLinear()
+    x0 = start(4, 3)
+    res = collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS, batch_size=2, holdout_every=0)
+    want = torch.zeros(1100, 1100, dtype=torch.float64)
+    for i in range(4):
+        x = x0[i : i + 1]
+        for n in range(len(SIGMAS) - 1):
+            h = torch.tanh(net.up(x.permute(0, 2, 3, 1))).reshape(-1, 1100).double()
+            want += h.T @ h
+            x = x + (SIGMAS[n + 1] - SIGMAS[n]) * net(x)
+    got = res["layers"]["down"].h_fit
+    assert torch.equal(got, got.T)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
