@@ -113,44 +113,52 @@ def reachable_ranks(max_rank: int, singular_values: int) -> list[int]:
     return ranks
 
 
-def _solve_at(w2: torch.Tensor, weight_type: str, st, cfg, name: str) -> tuple:
+def _solve_at(w2: torch.Tensor, weight_type: str, st, cfg, name: str, hessian, h_hold: torch.Tensor) -> tuple:
     """``(storage, rounding, held-out error)``: round-to-nearest or GPTQ (activation order) at
-    ``weight_type``, whichever has the lower held-out error."""
+    ``weight_type``, whichever has the lower held-out error (``h_hold``: the held-out sums, float64)."""
     from .gptq import gptq_quantize
 
     qt = qtype(weight_type)
     cands = {"rtn": quantize_weight(w2, qt, name)}
     if cfg.rounding == "gptq":
-        cands["gptq_act_order"] = gptq_quantize(w2, st.h_fit, qt, cfg.damp, True, layer=name)
-    errs = {k: output_error(w2, dequantize_weight(v, qt, w2.shape, torch.float32), st.h_hold) for k, v in cands.items()}
+        cands["gptq_act_order"] = gptq_quantize(w2, st.h_fit, qt, cfg.damp, True, layer=name, factors=hessian)
+    errs = {k: output_error(w2, dequantize_weight(v, qt, w2.shape, torch.float32), h_hold) for k, v in cands.items()}
     best = min(errs, key=errs.get)
     return cands[best], best, errs[best]
 
 
-def prepare(name: str, weight: torch.Tensor, sol, st, cfg) -> None:
+def prepare(name: str, weight: torch.Tensor, sol, st, cfg, hessian=None) -> None:
     """Solve what the budget may give layer ``name`` (``sol``: its solution, ``st``: its statistics) into
     ``sol.candidates`` — nothing for a layer the allocation never touches (no usable statistics, no
-    error, or a plan's 16-bit layer, whose only item needs no statistics)."""
+    error, or a plan's 16-bit layer, whose only item needs no statistics). ``hessian``: the layer's
+    ``gptq.HessianFactors`` of ``st.h_fit`` (shared with its rounding; freed here as they stop
+    being needed)."""
+    from .gptq import HessianFactors
+
     if cfg.budget is None or st is None or sol.kept or sol.err_hold <= 0:
         return
+    hessian = hessian or HessianFactors(st.h_fit, cfg.damp)
     shape = tuple(weight.shape)
     w2 = _flat(weight)
+    h_hold = st.h_hold.double()
     cand = Candidates()
     if "int8" in cfg.budget_options and sol.weight_type != "int8":
-        cand.int8 = _solve_at(w2, "int8", st, cfg, name)
+        cand.int8 = _solve_at(w2, "int8", st, cfg, name, hessian, h_hold)
     low = None if sol.input_scale is not None else lower_type(sol.weight_type, shape)
     if "uint3" in cfg.budget_options and low is not None and sol.err_rtn_hold > 0:
-        cand.low_type, cand.low_ratio = low, _rtn_error(w2, low, st.h_hold.double()) / sol.err_rtn_hold
-        cand.low = _solve_at(w2, low, st, cfg, name)
+        cand.low_type, cand.low_ratio = low, _rtn_error(w2, low, h_hold) / sol.err_rtn_hold
+        cand.low = _solve_at(w2, low, st, cfg, name, hessian, h_hold)
+    hessian.drop("act_order", "natural", "dampened")  # only L is still needed
     if "rank" in cfg.budget_options and cfg.max_rank > 0:
         resid = w2.double() - _effective(sol, shape)
-        u, s, vh, low_factor = weighted_svd(resid, st.h_fit, cfg.damp)
+        u, s, vh, low_factor = weighted_svd(resid, st.h_fit, cfg.damp, hessian)
+        hessian.drop("lower")
         ranks = reachable_ranks(cfg.max_rank, s.numel())
         cand.s = s
         if ranks:
             a, b = factors(u, s, vh, low_factor, ranks[-1])
             cand.a, cand.b = a.half().float(), b.half().float()
-            cand.rank_errors = _rank_errors(resid, sol.err_hold, cand.a, cand.b, st.h_hold, ranks)
+            cand.rank_errors = _rank_errors(resid, sol.err_hold, cand.a, cand.b, h_hold, ranks)
     sol.candidates = cand
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from .awq import expand, scaled_error, search_scales
 from .errors import QuantizationError
-from .gptq import DEFAULT_DAMP, gptq_quantize, output_error
+from .gptq import DEFAULT_DAMP, HessianFactors, gptq_quantize, output_error
 from .layerinputs import LayerInputs
 from .modules import QuantConv2d, QuantLinear
 from .activations import ActQuantizer
@@ -124,8 +124,10 @@ def outlier_ratio(stats: LayerInputs) -> float:
 
 
 def solve_layer(name: str, w: torch.Tensor, stats: LayerInputs | None, weight_type: str, act: str | None,
-                cfg: CalibratedConfig) -> LayerSolution:
-    """Rounding (and scales) for one layer; see the module docstring for the order of the steps."""
+                cfg: CalibratedConfig, factors: HessianFactors | None = None) -> LayerSolution:
+    """Rounding (and scales) for one layer; see the module docstring for the order of the steps.
+    ``factors``: a :class:`~.gptq.HessianFactors` of ``stats.h_fit`` to share with later solves (the
+    budget's candidates); used for the rounding unless AWQ scales change ``H``."""
     qt = qtype(weight_type)
     w2 = _flat(w)
     rtn_storage = quantize_weight(w2, qt, name)
@@ -143,7 +145,7 @@ def solve_layer(name: str, w: torch.Tensor, stats: LayerInputs | None, weight_ty
     if cfg.outlier_ratio is not None and act_qt is not None and ratio >= cfg.outlier_ratio:
         act_16bit, act_qt = True, None
         calib["outliers"] = f"channel |x| max/median {ratio:.3g}× ≥ {cfg.outlier_ratio:g}× → activations kept 16-bit"
-    h_fit, h_hold = stats.h_fit.double(), stats.h_hold.double()
+    h_hold = stats.h_hold.double()
     err_rtn = output_error(w2, _dequant(rtn_storage, qt, w2.shape), h_hold)
     scale = None
     if cfg.awq:
@@ -156,7 +158,9 @@ def solve_layer(name: str, w: torch.Tensor, stats: LayerInputs | None, weight_ty
             calib["awq_alpha"] = 0.0
     sk = None if scale is None else expand(scale, w2.shape[1]).double()
     ws = w2 if sk is None else (w2.double() * sk).float()
-    hs_fit = h_fit if sk is None else h_fit / sk[:, None] / sk[None, :]
+    # the scaled H is its own matrix; else the caller's factors (or a new set) serve every order
+    hs_fit = stats.h_fit if sk is None else stats.h_fit.double() / sk[:, None] / sk[None, :]
+    shared = factors if sk is None and factors is not None else HessianFactors(hs_fit, cfg.damp)
 
     def effective(storage):
         q = _dequant(storage, qt, w2.shape).double()
@@ -167,7 +171,8 @@ def solve_layer(name: str, w: torch.Tensor, stats: LayerInputs | None, weight_ty
         orders = {"on": [True], "off": [False], "both": [True, False]}[cfg.act_order]
         for ao in orders:
             try:
-                candidates["gptq_act_order" if ao else "gptq"] = gptq_quantize(ws, hs_fit, qt, cfg.damp, ao, layer=name)
+                candidates["gptq_act_order" if ao else "gptq"] = gptq_quantize(ws, hs_fit, qt, cfg.damp, ao, layer=name,
+                                                                               factors=shared)
             except QuantizationError as exc:
                 calib["gptq_error"] = str(exc)
     errs = {k: output_error(w2, effective(st), h_hold) for k, st in candidates.items()}
@@ -254,10 +259,15 @@ class CalibratedSolver:
         if stats is not None:
             w = w.detach().to(stats.h_fit.device)
         kept = name not in self.todo
+        # one set of factorizations of H for the rounding and every budget candidate of this layer
+        factors = None if stats is None else HessianFactors(stats.h_fit, self.cfg.damp)
         sol = solve_layer(name, w, stats, "int8" if kept else self.todo[name]["weight"],
-                          None if kept else self.todo[name]["act"], self.cfg)
+                          None if kept else self.todo[name]["act"], self.cfg, factors)
         sol.kept = kept
-        prepare(name, w, sol, stats, self.cfg)
+        if factors is not None:
+            factors.drop("natural")  # the candidates are solved in activation order
+        prepare(name, w, sol, stats, self.cfg, factors)
+        del factors
         self.solutions[name] = sol
         if self.progress is not None and not kept:
             self.progress(sum(1 for n in self.solutions if n in self.todo), len(self.todo))

@@ -19,11 +19,16 @@ import torch
 from .gptq import DEFAULT_DAMP, dampened
 
 
-def weighted_svd(residual: torch.Tensor, h: torch.Tensor, damp: float = DEFAULT_DAMP):
-    """``(U, S, Vh, L)`` of ``E L`` with ``H + damping = L Lᵀ`` (float64)."""
+def weighted_svd(residual: torch.Tensor, h: torch.Tensor, damp: float = DEFAULT_DAMP, factors=None):
+    """``(U, S, Vh, L)`` of ``E L`` with ``H + damping = L Lᵀ`` (float64); ``factors``: a
+    ``gptq.HessianFactors`` of this ``h`` and ``damp`` to take ``L`` from."""
     e = residual.detach().double().reshape(residual.shape[0], -1)
-    hd, _ = dampened(h, damp)
-    low = torch.linalg.cholesky(hd)
+    if factors is not None:
+        low = factors.lower()
+    else:
+        hd, _ = dampened(h, damp)
+        low = torch.linalg.cholesky(hd)
+        del hd
     u, s, vh = torch.linalg.svd(e @ low, full_matrices=False)
     return u, s, vh, low
 

@@ -128,3 +128,27 @@ def test_damping_is_relative_to_the_mean_diagonal():
     hd, dead = dampened(h, 0.5)
     assert dead.tolist() == [False, False, True, False]
     assert torch.allclose(torch.diagonal(hd), torch.tensor([4.0, 6.0, 3.0, 8.0], dtype=torch.float64))
+
+
+def test_shared_factorizations_give_the_same_solves_as_standalone_calls():
+    """HessianFactors: one dampened H and one factor per column order serve every solve from that H (the
+    layer's own type, int8, 3 bits, both orders) and the low-rank branch's L — the same values, bit for bit."""
+    from qcorrect.quant.gptq import HessianFactors
+    from qcorrect.quant.lowrank import weighted_svd
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 128, generator=g) * torch.linspace(0.2, 2.0, 128)
+    h = (x.T @ x).float()
+    w = torch.randn(32, 128, generator=g) * 0.05
+    shared = HessianFactors(h, 0.01)
+    for qt, ao in (("uint4_g64", True), ("uint4_g64", False), ("int8", True), ("uint3_g64", True)):
+        alone = gptq_quantize(w, h, qt, 0.01, ao)
+        again = gptq_quantize(w, h, qt, 0.01, ao, factors=shared)
+        assert alone.keys() == again.keys() and all(torch.equal(alone[k], again[k]) for k in alone), (qt, ao)
+    assert set(shared._upper) == {True, False}  # one factor per order, reused
+    resid = torch.randn(32, 128, generator=g) * 1e-3
+    for a, b in zip(weighted_svd(resid, h, 0.01), weighted_svd(resid, h, 0.01, shared)):
+        assert torch.equal(a, b)
+    shared.drop("act_order", "natural", "dampened", "lower")
+    assert not shared._upper and shared._hd is None and shared._low is None
+    assert torch.equal(shared.lower(), torch.linalg.cholesky(dampened(h, 0.01)[0]))  # recomputed on demand
