@@ -145,7 +145,8 @@ def solve_layer(name: str, w: torch.Tensor, stats: LayerInputs | None, weight_ty
     if cfg.outlier_ratio is not None and act_qt is not None and ratio >= cfg.outlier_ratio:
         act_16bit, act_qt = True, None
         calib["outliers"] = f"channel |x| max/median {ratio:.3g}× ≥ {cfg.outlier_ratio:g}× → activations kept 16-bit"
-    h_hold = stats.h_hold.double()
+    h_hold = stats.h_hold  # float32: output_error takes it to float64 per call, so no K×K float64 copy is
+    # held while GPTQ factorizes (the same values as converting once)
     err_rtn = output_error(w2, _dequant(rtn_storage, qt, w2.shape), h_hold)
     scale = None
     if cfg.awq:
@@ -185,7 +186,7 @@ def solve_layer(name: str, w: torch.Tensor, stats: LayerInputs | None, weight_ty
     if chosen == "rtn" and cfg.rounding == "gptq" and len(errs) > 1:
         best_g = min(v for k, v in errs.items() if k != "rtn")
         calib["note"] = f"GPTQ {best_g / err_rtn:.3f}× round-to-nearest's held-out error → round-to-nearest"
-    out_energy = float(((w2.double() @ h_hold) * w2.double()).sum())
+    out_energy = float(((w2.double() @ h_hold.double()) * w2.double()).sum())
     return LayerSolution(weight_type, candidates[chosen], input_scale=scale, act_16bit=act_16bit, calib=calib,
                          err_hold=errs[chosen], err_rtn_hold=err_rtn, out_energy_hold=out_energy)
 

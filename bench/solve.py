@@ -1,0 +1,134 @@
+"""``qcorrect bench solve``: what solving one layer costs in Quantize Model (Calibrated), by width.
+
+Once a layer's input statistics are collected, ``quant.calibrated.CalibratedSolver`` solves it: GPTQ in
+both column orders at the layer's own type, then everything the byte budget may give it (int8 and 3-bit
+GPTQ solutions, the low-rank branch's SVD and its held-out errors), all from one set of factorizations
+of ``H`` (``gptq.HessianFactors``). The cost grows as ``K³`` (the factorizations, float64) plus
+``out·K²`` (GPTQ's column sweep and the held-out errors), and the float64 ``K×K`` matrices alive at
+once set the memory. This benchmark times the real solver on one Linear layer of each given shape
+(random weights, synthetic correlated statistics; neither time nor memory depends on the values),
+reports the peak memory the solve added (``VmHWM`` on Linux, as ``bench tuning``), and fits
+``t = a·K³ + b·out·K²`` to the rows to estimate the SD1.5-shaped UNet's W4 layers' total, a rough
+extrapolation that says so.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..quant import PRESETS, resolve_plan
+from ..quant.calibrated import CalibratedConfig, CalibratedSolver
+from ..quant.layerinputs import LayerInputs
+from ..quant.weights import input_size
+from .common import emit_json, print_table, set_threads
+from .sd_unet import SDUNet
+from .tuning import PeakMemory
+
+#: the node's mixed default: GPTQ in both orders, budget with int8, ranks, the plan's 16-bit layers, 3 bits
+MIXED = CalibratedConfig(budget=0.30, budget_options=("int8", "rank", "kept", "uint3"))
+
+
+def synthetic_stats(k: int, seed: int = 0) -> LayerInputs:
+    """Statistics of ``2·K`` correlated rows (three quarters fit, a quarter held out), summed in float32."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * k, k, generator=g) * torch.linspace(0.1, 3.0, k)
+    x[:, 1:] += 0.5 * x[:, :-1]  # neighbouring channels correlate
+    fit, hold = x[: 3 * k // 2], x[3 * k // 2:]
+    st = LayerInputs.empty("linear", k, k)
+    st.h_fit.addmm_(fit.T, fit)
+    st.h_hold.addmm_(hold.T, hold)
+    st.rows_fit, st.rows_hold = fit.shape[0], hold.shape[0]
+    st.wsum_fit, st.wsum_hold = float(fit.shape[0]), float(hold.shape[0])
+    st.absmax = x.abs().amax(0)
+    st.absmean = x.abs().mean(0)
+    st.hi, st.lo = x.amax(0), x.amin(0)
+    st.calls = 1
+    return st
+
+
+def solve_one(out: int, k: int, config: CalibratedConfig = MIXED, seed: int = 0) -> dict:
+    """Time and peak memory of :class:`CalibratedSolver` solving one ``out×K`` Linear under W4A8."""
+    torch.manual_seed(seed)
+    module = nn.Sequential(nn.Linear(k, out))
+    st = synthetic_stats(k, seed)
+    solver = CalibratedSolver(module, PRESETS["W4A8"], config)
+    mem = PeakMemory(torch.device("cpu"))
+    mem.reset()
+    t = time.perf_counter()
+    solver.add({"0": st})
+    seconds = time.perf_counter() - t
+    sol = solver.solutions["0"]
+    return {"out": out, "k": k, "seconds": round(seconds, 2), "peak_bytes": mem.peak(),
+            "k2_float64_bytes": 8 * k * k, "rounding": sol.calib.get("rounding"),
+            "candidates": sol.candidates is not None}
+
+
+def fit_cost(rows: list[dict]) -> tuple[float, float] | None:
+    """``(a, b)`` of ``t = a·K³ + b·out·K²`` by least squares (None with fewer than two shapes)."""
+    if len({(r["out"], r["k"]) for r in rows}) < 2:
+        return None
+    x = torch.tensor([[float(r["k"]) ** 3, float(r["out"]) * float(r["k"]) ** 2] for r in rows], dtype=torch.float64)
+    y = torch.tensor([float(r["seconds"]) for r in rows], dtype=torch.float64)
+    coef = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1)
+    return float(coef[0]), float(coef[1])
+
+
+def sd15_estimate(a: float, b: float) -> dict:
+    """The fitted model applied to the SD1.5-shaped UNet's W4A8 layers (shapes from the meta device)."""
+    with torch.device("meta"):
+        model = SDUNet()
+    decisions = resolve_plan(model, PRESETS["W4A8"])
+    shapes = [(m.weight.shape[0], input_size(tuple(m.weight.shape))) for n, m in model.named_modules()
+              if decisions.get(n, {}).get("weight")]
+    per = [a * k**3 + b * o * k * k for o, k in shapes]
+    widest = max(shapes, key=lambda s: s[1])
+    return {"layers": len(shapes), "seconds": sum(per), "widest": {"out": widest[0], "k": widest[1]},
+            "widest_seconds": a * widest[1] ** 3 + b * widest[0] * widest[1] ** 2}
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"320x2304,640x4608"`` → ``[(320, 2304), (640, 4608)]`` (out × K)."""
+    shapes = []
+    for part in text.split(","):
+        if part.strip():
+            o, k = part.lower().split("x")
+            shapes.append((int(o), int(k)))
+    if not shapes:
+        raise SystemExit("--shapes: give at least one OUTxK")
+    return shapes
+
+
+def main(args) -> int:
+    threads = set_threads(args.threads, default=True)
+    rows = [solve_one(o, k, seed=args.seed) for o, k in parse_shapes(args.shapes)]
+    res = {"rows": rows, "threads": threads, "config": "W4A8, mixed default (GPTQ both orders; int8, rank, kept, uint3)"}
+    gib = 2**30
+    print(f"one layer's calibrated solve ({res['config']}), {threads} thread(s):")
+    print_table(["out x K", "seconds", "peak +GiB", "peak / (K x K float64)"],
+                [[f"{r['out']}x{r['k']}", r["seconds"], "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / gib:.2f}",
+                  "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / r['k2_float64_bytes']:.1f}"] for r in rows])
+    coef = fit_cost(rows)
+    if coef is not None:
+        a, b = coef
+        est = sd15_estimate(a, b)
+        res["fit"] = {"a": a, "b": b}
+        res["sd15"] = est
+        w = est["widest"]
+        print(f"fitted t = {a:.3g}·K³ + {b:.3g}·out·K² s; extrapolated to the SD1.5-shaped UNet's {est['layers']} W4 layers: "
+              f"about {est['seconds'] / 3600:.1f} h on {threads} thread(s) (widest, {w['out']}x{w['k']}: about "
+              f"{est['widest_seconds'] / 60:.0f} min) — an estimate from the rows above, not a measurement")
+    if args.json:
+        emit_json(res)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("solve", help="time and peak memory of solving one layer in calibrated quantization, by width")
+    p.add_argument("--shapes", default="320x2304,640x4608", help="comma-separated OUTxK Linear shapes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.set_defaults(func=main)

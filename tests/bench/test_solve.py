@@ -1,0 +1,41 @@
+"""qcorrect bench solve: one layer's calibrated solve timed by width, and the SD1.5 extrapolation."""
+
+import json
+
+import pytest
+import torch
+
+from qcorrect.bench.solve import fit_cost, parse_shapes, sd15_estimate, solve_one, synthetic_stats
+
+
+def test_the_bench_solves_a_layer_with_its_budget_candidates_and_reports_json(capsys):
+    from qcorrect.cli import main
+
+    assert main(["bench", "solve", "--shapes", "32x128,64x256", "--threads", "1", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])
+    assert [(r["out"], r["k"]) for r in res["rows"]] == [(32, 128), (64, 256)]
+    for r in res["rows"]:
+        assert r["seconds"] > 0 and r["candidates"] and r["rounding"].startswith(("gptq", "rtn"))
+    assert res["sd15"]["layers"] == 278 and res["sd15"]["widest"] == {"out": 1280, "k": 23040}
+    assert any("an estimate from the rows above" in line for line in out)
+
+
+def test_the_cost_fit_recovers_a_known_model_and_needs_two_shapes():
+    a, b = 2e-10, 3e-9
+    rows = [{"out": o, "k": k, "seconds": a * k**3 + b * o * k * k} for o, k in ((100, 1000), (50, 3000), (400, 2000))]
+    fa, fb = fit_cost(rows)
+    assert fa == pytest.approx(a, rel=1e-6) and fb == pytest.approx(b, rel=1e-6)
+    assert fit_cost(rows[:1]) is None
+    est = sd15_estimate(fa, fb)
+    assert est["seconds"] > est["widest_seconds"] > 0
+
+
+def test_synthetic_statistics_are_symmetric_positive_and_split_three_to_one():
+    st = synthetic_stats(64)
+    assert st.rows_fit == 96 and st.rows_hold == 32
+    assert torch.equal(st.h_fit, st.h_fit.T) and bool(torch.linalg.eigvalsh(st.h_fit.double()).min() > 0)
+    assert parse_shapes("8x64, 16X128") == [(8, 64), (16, 128)]
+    with pytest.raises(SystemExit):
+        parse_shapes(" , ")
+    assert solve_one(16, 64)["candidates"]
