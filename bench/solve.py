@@ -67,13 +67,22 @@ def solve_one(out: int, k: int, config: CalibratedConfig = MIXED, seed: int = 0)
 
 
 def fit_cost(rows: list[dict]) -> tuple[float, float] | None:
-    """``(a, b)`` of ``t = a·K³ + b·out·K²`` by least squares (None with fewer than two shapes)."""
+    """``(a, b) ≥ 0`` of ``t = a·K³ + b·out·K²`` by least squares (None with fewer than two shapes): the
+    unconstrained fit if both are non-negative, else the better of the two one-term fits (when the
+    shapes cannot tell the terms apart, a free fit can make one negative)."""
     if len({(r["out"], r["k"]) for r in rows}) < 2:
         return None
     x = torch.tensor([[float(r["k"]) ** 3, float(r["out"]) * float(r["k"]) ** 2] for r in rows], dtype=torch.float64)
-    y = torch.tensor([float(r["seconds"]) for r in rows], dtype=torch.float64)
-    coef = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1)
-    return float(coef[0]), float(coef[1])
+    y = torch.tensor([float(r["seconds"]) for r in rows], dtype=torch.float64).unsqueeze(1)
+    coef = torch.linalg.lstsq(x, y).solution.squeeze(1)
+    if bool((coef >= 0).all()):
+        return float(coef[0]), float(coef[1])
+    fits = []
+    for j in (0, 1):
+        c = float(torch.linalg.lstsq(x[:, j : j + 1], y).solution)
+        resid = float((x[:, j] * c - y.squeeze(1)).pow(2).sum())
+        fits.append((resid, (c, 0.0) if j == 0 else (0.0, c)))
+    return min(fits)[1]
 
 
 def sd15_estimate(a: float, b: float) -> dict:

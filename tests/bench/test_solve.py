@@ -27,6 +27,11 @@ def test_the_cost_fit_recovers_a_known_model_and_needs_two_shapes():
     fa, fb = fit_cost(rows)
     assert fa == pytest.approx(a, rel=1e-6) and fb == pytest.approx(b, rel=1e-6)
     assert fit_cost(rows[:1]) is None
+    # timings a free fit explains with a negative K³ term (a real run's rows): the one-term fit instead
+    measured = [{"out": o, "k": k, "seconds": t} for o, k, t in
+                ((320, 2304, 3.7), (2304, 2304, 21.34), (640, 4608, 22.8), (1280, 11520, 282.88))]
+    na, nb = fit_cost(measured)
+    assert na == 0.0 and nb > 0
     est = sd15_estimate(fa, fb)
     assert est["seconds"] > est["widest_seconds"] > 0
 
