@@ -59,9 +59,12 @@ def dampened(h: torch.Tensor, damp: float = DEFAULT_DAMP) -> tuple[torch.Tensor,
     return h, dead
 
 
-def _upper_inverse_factor(h: torch.Tensor, damp: float, low: torch.Tensor | None = None) -> torch.Tensor:
+def _upper_inverse_factor(h: torch.Tensor | None, damp: float, low: torch.Tensor | None = None,
+                          rebuild=None) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = Uᵀ U``), raising damping tenfold up to 3
-    times if ``H`` is numerically singular (``low``: ``H``'s Cholesky factor, if already known)."""
+    times if ``H`` is numerically singular. ``low``: ``H``'s Cholesky factor, if already known; then
+    ``h`` may be None and ``rebuild()`` gives ``H`` only if a retry needs it (so the caller need not
+    keep ``H`` alive through the factorization)."""
     for attempt in range(4):
         try:
             if low is None:
@@ -73,6 +76,8 @@ def _upper_inverse_factor(h: torch.Tensor, damp: float, low: torch.Tensor | None
             return u
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
             low = None
+            if h is None:
+                h = rebuild()
             extra = damp * 10 ** (attempt + 1) * float(torch.diagonal(h).mean())
             h = h + extra * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     raise QuantizationError("input second moments are singular even after damping; use round-to-nearest")
@@ -115,7 +120,13 @@ class HessianFactors:
                         self._low = torch.linalg.cholesky(hd)
                     except RuntimeError:
                         self._low = None
-                self._upper[False] = (perm, _upper_inverse_factor(hd, self.damp, self._low))
+                if self._low is not None:  # H itself is no longer needed: one K×K matrix less at the peak
+                    del hd
+                    self._hd = None
+                    u = _upper_inverse_factor(None, self.damp, self._low, rebuild=lambda: dampened(self.h, self.damp)[0])
+                else:
+                    u = _upper_inverse_factor(hd, self.damp)
+                self._upper[False] = (perm, u)
         return self._upper[act_order]
 
     def lower(self) -> torch.Tensor:
