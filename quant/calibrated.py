@@ -300,8 +300,6 @@ class CalibratedSolver:
             apply_allocation(floats, solutions, allocation, cfg)
             for name in allocation.get("kept_16bit", []):
                 del solutions[name]
-        else:
-            solutions = {n: sol for n, sol in solutions.items() if not sol.kept}
         context = get_context(module) or attach_context(module)
         demoted = {}
         for name, sol in solutions.items():
