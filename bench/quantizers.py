@@ -60,6 +60,7 @@ from ..quant import PRESETS, SigmaScopedDenoiser, preset as quant_preset, quanti
 from ..quant.activations import ACT_RANGES
 from ..quant.budget import RANK_STEP, layer_bytes, lower_type
 from ..quant.calibrated import CalibratedConfig, quantize_calibrated
+from ..quant.gptq import FLOAT32_FROM
 from ..quant.modules import QUANT_LAYERS
 from ..quant.plan import set_activation_schedule
 from ..quant.qtypes import qtype
@@ -586,13 +587,15 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
         step_weight=1.0, outlier_ratio=1000.0, batch_size=64, log=print, keep_images=False, rows_per_k=DEFAULT_ROWS_PER_K,
         budget_extra=None, corrections=(), correct_on=("best",), damp=None, calib_sets=1, amplitudes=(),
         own_error=False, guided=False, tune=None, act_ranges=None, relax=None, windows=None,
-        jacobian=(JACOBIAN_WEIGHT, ADJOINTS)):
+        jacobian=(JACOBIAN_WEIGHT, ADJOINTS), float32_from=FLOAT32_FROM):
     """``budget``: the budgeted methods' cap, × each model's fp16 bytes; with ``budget_extra`` the cap is
     instead each model's round-to-nearest ratio plus that much (the same headroom on the reference
     model and on the SD1.5-shaped UNet, whose fixed 16-bit share differs tenfold). ``corrections``:
     correction methods (``bench quality``'s names, ``auto`` included) calibrated on the calibration seeds
     on top of each quantizer method in ``correct_on`` and scored against that quantizer uncorrected.
-    ``damp``: GPTQ's damping for every calibrated method (default: each method's own). ``calib_sets``: each
+    ``damp``: GPTQ's damping for every calibrated method (default: each method's own). ``float32_from``:
+    the layer width from which every calibrated method solves in float32 (None: all float64;
+    ``CalibratedConfig.float32_from``). ``calib_sets``: each
     calibrated method also calibrated on K − 1 further disjoint calibration sets (the seeds shifted by their
     count, rows ``method#k``), and each compared per sample with set 1 (``set_comparisons``): how far two
     equally made quantizers lie apart, sample by sample. ``amplitudes``: after each preset's
@@ -668,6 +671,8 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
                         mcfg = method_config(method, budget, outlier_ratio)
                         if mcfg is not None and damp is not None:
                             mcfg = replace(mcfg, damp=damp)
+                        if mcfg is not None:
+                            mcfg = replace(mcfg, float32_from=float32_from)
                         if mcfg is not None and mcfg.budget is not None and budget_extra is not None:
                             mcfg = replace(mcfg, budget=rtn_ratios[preset] + budget_extra)
                         name = resolve_method(method)
@@ -785,7 +790,7 @@ def run(presets, methods, samplers, cfgs, seeds, calib_seeds, classes, steps=20,
            "relax": None if relax is None else {"fraction": relax[0], "where": relax[1], "bits": relax[2]},
            "windows": {n: [w.start, w.stop - 1] for n, w in (windows or {}).items()},
            "outlier_ratio": outlier_ratio, "rows_per_k": rows_per_k, "best": BEST, "collections": collections, "rows": rows,
-           "set_comparisons": set_comparisons, "damp": damp, "calib_sets": calib_sets,
+           "set_comparisons": set_comparisons, "damp": damp, "float32_from": float32_from, "calib_sets": calib_sets,
            "sd15": {f"{p}/{m}": v for (p, m), v in sd15.items()}, "sd15_stats": sd15_stats_memory()}
     if keep_images:
         res["images"] = images
@@ -943,7 +948,8 @@ def main(args) -> int:
                               batch=args.tune_batch, draw=args.tune_draw, lowpass_weight=args.tune_lowpass,
                               lowpass=args.tune_lowpass_k, seed=args.tune_seed,
                               early_sigma=args.tune_early_sigma),
-              jacobian=(args.tune_jacobian, args.adjoints))
+              jacobian=(args.tune_jacobian, args.adjoints),
+              float32_from=None if str(args.float32_from).lower() == "none" else int(args.float32_from))
     print_result(res)
     if args.json:
         emit_json(res)
@@ -977,6 +983,9 @@ def add_parser(sub) -> None:
     p.add_argument("--damp", type=float, default=None,
                    help="GPTQ damping, × the mean diagonal of the input second moments, for every calibrated method "
                         "(default: each method's, 0.01)")
+    p.add_argument("--float32-from", default=str(FLOAT32_FROM), metavar="K",
+                   help=f"calibrated methods solve layers with at least K inputs in float32 (default {FLOAT32_FROM}, "
+                        "which leaves every reference-model layer in float64; 0: all float32; none: all float64)")
     p.add_argument("--calib-sets", type=int, default=1,
                    help="also calibrate every method on K-1 further disjoint calibration sets (seeds shifted by their "
                         "count) and compare each with set 1 sample by sample")

@@ -3,9 +3,12 @@
 Once a layer's input statistics are collected, ``quant.calibrated.CalibratedSolver`` solves it: GPTQ in
 both column orders at the layer's own type, then everything the byte budget may give it (int8 and 3-bit
 GPTQ solutions, the low-rank branch's SVD and its held-out errors), all from one set of factorizations
-of ``H`` (``gptq.HessianFactors``). The cost grows as ``K³`` (the factorizations, float64) plus
-``out·K²`` (GPTQ's column sweep and the held-out errors), and the float64 ``K×K`` matrices alive at
-once set the memory. This benchmark times the real solver on one Linear layer of each given shape
+of ``H`` (``gptq.HessianFactors``). The cost grows as ``K³`` (the factorizations) plus ``out·K²``
+(GPTQ's column sweep and the held-out errors), and the ``K×K`` matrices alive at once set the memory;
+layers of at least ``--float32-from`` inputs are solved in float32, narrower ones in float64
+(``gptq.FLOAT32_FROM`` by default, ``none``: all float64, to measure what float32 saves). Each row
+also reports the solution's held-out output error relative to round-to-nearest's, so two runs that
+differ only in precision show what it costs in quality on the same statistics. This benchmark times the real solver on one Linear layer of each given shape
 (random weights, synthetic correlated statistics; neither time nor memory depends on the values),
 reports the peak memory the solve added (``VmHWM`` on Linux, as ``bench tuning``), and fits
 ``t = a·K³ + b·out·K²`` to the rows to estimate the SD1.5-shaped UNet's W4 layers' total, a rough
@@ -20,7 +23,10 @@ import torch
 from torch import nn
 
 from ..quant import PRESETS, resolve_plan
+from dataclasses import replace
+
 from ..quant.calibrated import CalibratedConfig, CalibratedSolver
+from ..quant.gptq import FLOAT32_FROM, solve_dtype
 from ..quant.layerinputs import LayerInputs
 from ..quant.weights import input_size
 from .common import emit_json, print_table, set_threads
@@ -63,6 +69,8 @@ def solve_one(out: int, k: int, config: CalibratedConfig = MIXED, seed: int = 0)
     sol = solver.solutions["0"]
     return {"out": out, "k": k, "seconds": round(seconds, 2), "peak_bytes": mem.peak(),
             "k2_float64_bytes": 8 * k * k, "rounding": sol.calib.get("rounding"),
+            "dtype": str(solve_dtype(k, config.float32_from)).removeprefix("torch."),
+            "held_out_error_vs_rtn": sol.err_hold / sol.err_rtn_hold if sol.err_rtn_hold > 0 else None,
             "candidates": sol.candidates is not None}
 
 
@@ -112,13 +120,18 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def main(args) -> int:
     threads = set_threads(args.threads, default=True)
-    rows = [solve_one(o, k, seed=args.seed) for o, k in parse_shapes(args.shapes)]
-    res = {"rows": rows, "threads": threads, "config": "W4A8, mixed default (GPTQ both orders; int8, rank, kept, uint3)"}
+    f32 = None if str(args.float32_from).lower() == "none" else int(args.float32_from)
+    config = replace(MIXED, float32_from=f32)
+    rows = [solve_one(o, k, config, seed=args.seed) for o, k in parse_shapes(args.shapes)]
+    res = {"rows": rows, "threads": threads, "float32_from": f32,
+           "config": "W4A8, mixed default (GPTQ both orders; int8, rank, kept, uint3)"}
     gib = 2**30
     print(f"one layer's calibrated solve ({res['config']}), {threads} thread(s):")
-    print_table(["out x K", "seconds", "peak +GiB", "peak / (K x K float64)"],
-                [[f"{r['out']}x{r['k']}", r["seconds"], "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / gib:.2f}",
-                  "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / r['k2_float64_bytes']:.1f}"] for r in rows])
+    print_table(["out x K", "dtype", "seconds", "peak +GiB", "peak / (K x K float64)", "held-out err / RTN"],
+                [[f"{r['out']}x{r['k']}", r["dtype"], r["seconds"],
+                  "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / gib:.2f}",
+                  "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / r['k2_float64_bytes']:.1f}",
+                  "-" if r["held_out_error_vs_rtn"] is None else f"{r['held_out_error_vs_rtn']:.6f}"] for r in rows])
     coef = fit_cost(rows)
     if coef is not None:
         a, b = coef
@@ -138,6 +151,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("solve", help="time and peak memory of solving one layer in calibrated quantization, by width")
     p.add_argument("--shapes", default="320x2304,640x4608", help="comma-separated OUTxK Linear shapes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--float32-from", default=str(FLOAT32_FROM),
+                   help=f"solve layers with at least this many inputs in float32 (default {FLOAT32_FROM}; none: all float64)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.set_defaults(func=main)

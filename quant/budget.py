@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .lowrank import branch_bytes, factors, weighted_svd
-from .gptq import output_error
+from .gptq import output_error, solve_dtype
 from .qtypes import qtype
 from .weights import blob_nbytes, dequantize_weight, input_size, misfit, quantize_weight
 
@@ -115,14 +115,16 @@ def reachable_ranks(max_rank: int, singular_values: int) -> list[int]:
 
 def _solve_at(w2: torch.Tensor, weight_type: str, st, cfg, name: str, hessian, h_hold: torch.Tensor) -> tuple:
     """``(storage, rounding, held-out error)``: round-to-nearest or GPTQ (activation order) at
-    ``weight_type``, whichever has the lower held-out error (``h_hold``: the held-out sums, float64)."""
+    ``weight_type``, whichever has the lower held-out error (``h_hold``: the held-out sums, in the
+    dtype the layer is solved in, ``hessian.dtype``)."""
     from .gptq import gptq_quantize
 
     qt = qtype(weight_type)
     cands = {"rtn": quantize_weight(w2, qt, name)}
     if cfg.rounding == "gptq":
         cands["gptq_act_order"] = gptq_quantize(w2, st.h_fit, qt, cfg.damp, True, layer=name, factors=hessian)
-    errs = {k: output_error(w2, dequantize_weight(v, qt, w2.shape, torch.float32), h_hold) for k, v in cands.items()}
+    errs = {k: output_error(w2, dequantize_weight(v, qt, w2.shape, torch.float32), h_hold, hessian.dtype)
+            for k, v in cands.items()}
     best = min(errs, key=errs.get)
     return cands[best], best, errs[best]
 
@@ -137,16 +139,16 @@ def prepare(name: str, weight: torch.Tensor, sol, st, cfg, hessian=None) -> None
 
     if cfg.budget is None or st is None or sol.kept or sol.err_hold <= 0:
         return
-    hessian = hessian or HessianFactors(st.h_fit, cfg.damp)
+    hessian = hessian or HessianFactors(st.h_fit, cfg.damp, solve_dtype(st.k, cfg.float32_from))
     shape = tuple(weight.shape)
     w2 = _flat(weight)
-    h_hold = st.h_hold.double()
+    h_hold = st.h_hold.to(hessian.dtype)
     cand = Candidates()
     if "int8" in cfg.budget_options and sol.weight_type != "int8":
         cand.int8 = _solve_at(w2, "int8", st, cfg, name, hessian, h_hold)
     low = None if sol.input_scale is not None else lower_type(sol.weight_type, shape)
     if "uint3" in cfg.budget_options and low is not None and sol.err_rtn_hold > 0:
-        cand.low_type, cand.low_ratio = low, _rtn_error(w2, low, h_hold) / sol.err_rtn_hold
+        cand.low_type, cand.low_ratio = low, _rtn_error(w2, low, h_hold, hessian.dtype) / sol.err_rtn_hold
         cand.low = _solve_at(w2, low, st, cfg, name, hessian, h_hold)
     hessian.drop("act_order", "natural", "dampened")  # only L is still needed
     if "rank" in cfg.budget_options and cfg.max_rank > 0:
@@ -166,11 +168,11 @@ def _rank_errors(resid: torch.Tensor, err: float, a: torch.Tensor, b: torch.Tens
                  ranks: list[int]) -> dict[int, float]:
     """Held-out error ``tr((E − A_r B_r) H (E − A_r B_r)ᵀ)`` for every rank ``r`` in ``ranks``, with
     ``err = tr(E H Eᵀ)`` known: ``err − 2·tr(A_r B_r H Eᵀ) + tr(A_r (B_r H B_rᵀ) A_rᵀ)``, which costs
-    ``R·K²`` for all ranks together instead of ``out·K²`` per rank."""
-    a, b, h = a.double(), b.double(), h.double()
-    p = b @ h  # [R, K]
+    ``R·K²`` for all ranks together instead of ``out·K²`` per rank. ``B H`` is computed in ``h``'s
+    dtype (the layer's solve dtype), the rest in float64."""
+    a, p = a.double(), (b.to(h.dtype) @ h).double()  # p: [R, K]
     cross = p @ resid.T  # [R, out]: row i is b_i H Eᵀ
-    gram = p @ b.T  # [R, R]
+    gram = p @ b.double().T  # [R, R]
     out = {}
     for r in ranks:
         ar = a[:, :r]
@@ -276,9 +278,9 @@ def lower_type(weight_type: str, shape) -> str | None:
     return low if misfit(qtype(low), input_size(shape)) is None else None
 
 
-def _rtn_error(w2: torch.Tensor, weight_type: str, h: torch.Tensor) -> float:
+def _rtn_error(w2: torch.Tensor, weight_type: str, h: torch.Tensor, dtype: torch.dtype = torch.float64) -> float:
     qt = qtype(weight_type)
-    return output_error(w2, dequantize_weight(quantize_weight(w2, qt), qt, w2.shape, torch.float32), h)
+    return output_error(w2, dequantize_weight(quantize_weight(w2, qt), qt, w2.shape, torch.float32), h, dtype)
 
 
 def _allocate_mixed(report, floats, solutions, cfg, weights, savings, headroom, total_fp16, base) -> dict:

@@ -33,7 +33,7 @@ from torch import nn
 
 from .awq import expand, scaled_error, search_scales
 from .errors import QuantizationError
-from .gptq import DEFAULT_DAMP, HessianFactors, gptq_quantize, output_error
+from .gptq import DEFAULT_DAMP, FLOAT32_FROM, HessianFactors, gptq_quantize, output_error, solve_dtype
 from .layerinputs import LayerInputs
 from .modules import QuantConv2d, QuantLinear
 from .activations import ActQuantizer
@@ -66,6 +66,9 @@ class CalibratedConfig:
     max_rank: int = 32
     outlier_ratio: float | None = 1000.0
     min_rows: int = 16
+    #: layers with at least this many inputs are solved in float32, narrower ones in float64
+    #: (``gptq`` module docstring, "Precision"); None: every layer in float64
+    float32_from: int | None = FLOAT32_FROM
 
     def validate(self) -> "CalibratedConfig":
         if self.rounding not in ROUNDINGS:
@@ -76,6 +79,9 @@ class CalibratedConfig:
             raise QuantizationError(f"damping must be positive, got {self.damp!r}")
         if self.budget is not None and not 0 < self.budget <= 1:
             raise QuantizationError(f"the byte budget is a ratio of the fp16 bytes in (0, 1], got {self.budget!r}")
+        if self.float32_from is not None and (isinstance(self.float32_from, bool) or not isinstance(self.float32_from, int)
+                                              or self.float32_from < 0):
+            raise QuantizationError(f"float32_from is a layer width K ≥ 0 or None, got {self.float32_from!r}")
         unknown = set(self.budget_options) - set(BUDGET_OPTIONS)
         if unknown:
             raise QuantizationError(f"unknown budget option(s) {sorted(unknown)}; known: {', '.join(BUDGET_OPTIONS)}")
@@ -145,9 +151,10 @@ def solve_layer(name: str, w: torch.Tensor, stats: LayerInputs | None, weight_ty
     if cfg.outlier_ratio is not None and act_qt is not None and ratio >= cfg.outlier_ratio:
         act_16bit, act_qt = True, None
         calib["outliers"] = f"channel |x| max/median {ratio:.3g}× ≥ {cfg.outlier_ratio:g}× → activations kept 16-bit"
-    h_hold = stats.h_hold  # float32: output_error takes it to float64 per call, so no K×K float64 copy is
+    dtype = solve_dtype(stats.k, cfg.float32_from) if factors is None else factors.dtype
+    h_hold = stats.h_hold  # float32: output_error converts it per call, so no K×K float64 copy is
     # held while GPTQ factorizes (the same values as converting once)
-    err_rtn = output_error(w2, _dequant(rtn_storage, qt, w2.shape), h_hold)
+    err_rtn = output_error(w2, _dequant(rtn_storage, qt, w2.shape), h_hold, dtype)
     scale = None
     if cfg.awq:
         s, alpha, _ = search_scales(w2, stats, qt, act_qt)
@@ -161,7 +168,7 @@ def solve_layer(name: str, w: torch.Tensor, stats: LayerInputs | None, weight_ty
     ws = w2 if sk is None else (w2.double() * sk).float()
     # the scaled H is its own matrix; else the caller's factors (or a new set) serve every order
     hs_fit = stats.h_fit if sk is None else stats.h_fit.double() / sk[:, None] / sk[None, :]
-    shared = factors if sk is None and factors is not None else HessianFactors(hs_fit, cfg.damp)
+    shared = factors if sk is None and factors is not None else HessianFactors(hs_fit, cfg.damp, dtype)
 
     def effective(storage):
         q = _dequant(storage, qt, w2.shape).double()
@@ -176,7 +183,7 @@ def solve_layer(name: str, w: torch.Tensor, stats: LayerInputs | None, weight_ty
                                                                                factors=shared)
             except QuantizationError as exc:
                 calib["gptq_error"] = str(exc)
-    errs = {k: output_error(w2, effective(st), h_hold) for k, st in candidates.items()}
+    errs = {k: output_error(w2, effective(st), h_hold, dtype) for k, st in candidates.items()}
     if cfg.fallback or cfg.rounding == "rtn":
         chosen = min(errs, key=errs.get)
     else:
@@ -186,7 +193,7 @@ def solve_layer(name: str, w: torch.Tensor, stats: LayerInputs | None, weight_ty
     if chosen == "rtn" and cfg.rounding == "gptq" and len(errs) > 1:
         best_g = min(v for k, v in errs.items() if k != "rtn")
         calib["note"] = f"GPTQ {best_g / err_rtn:.3f}× round-to-nearest's held-out error → round-to-nearest"
-    out_energy = float(((w2.double() @ h_hold.double()) * w2.double()).sum())
+    out_energy = output_error(torch.zeros_like(w2), w2, h_hold, dtype)  # tr(W H Wᵀ)
     return LayerSolution(weight_type, candidates[chosen], input_scale=scale, act_16bit=act_16bit, calib=calib,
                          err_hold=errs[chosen], err_rtn_hold=err_rtn, out_energy_hold=out_energy)
 
@@ -261,7 +268,8 @@ class CalibratedSolver:
             w = w.detach().to(stats.h_fit.device)
         kept = name not in self.todo
         # one set of factorizations of H for the rounding and every budget candidate of this layer
-        factors = None if stats is None else HessianFactors(stats.h_fit, self.cfg.damp)
+        factors = None if stats is None else HessianFactors(stats.h_fit, self.cfg.damp,
+                                                            solve_dtype(stats.k, self.cfg.float32_from))
         sol = solve_layer(name, w, stats, "int8" if kept else self.todo[name]["weight"],
                           None if kept else self.todo[name]["act"], self.cfg, factors)
         sol.kept = kept

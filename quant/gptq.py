@@ -24,6 +24,15 @@ Choices (each a parameter):
   follows the compensated weights but is still contiguous, so both variants fit the storage.
 
 Per-channel types (int8, int4/uint4 without groups) have one grid per row, fixed up front.
+
+**Precision.** A layer narrower than ``FLOAT32_FROM`` inputs is solved in float64; a wider one in
+float32 (what GPTQ's own implementation uses everywhere): the factorizations, the column sweep and
+the held-out errors. Our choice, made for SD1.5's widths (``K`` up to 23 040), where each ``K×K``
+float64 matrix is 4 GiB and the solve is hours of CPU time: float32 halves both the matrices and,
+on the CPU, roughly the time, and the statistics themselves are float32 sums, so float64 adds no
+information to them, only to the arithmetic. Below the threshold the cost is small and float64
+keeps the results of the narrower models (the shipped reference model: ``K`` ≤ 2304) exactly
+what they were. ``docs/BENCHMARKS.md`` ("Cost") has the measured difference.
 """
 
 from __future__ import annotations
@@ -35,14 +44,22 @@ from .qtypes import PER_CHANNEL, QType, weight_qtype
 from .weights import check_fits, round_to_grid, storage_from_codes, weight_grid
 
 DEFAULT_DAMP = 0.01
+#: layers with at least this many inputs (``K``) are solved in float32, narrower ones in float64
+FLOAT32_FROM = 4096
 
 
-def dampened(h: torch.Tensor, damp: float = DEFAULT_DAMP) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(H + λ·mean(diag H)·I, dead)`` in float64, with dead columns' diagonal set to 1.
+def solve_dtype(k: int, float32_from: int | None = FLOAT32_FROM) -> torch.dtype:
+    """The dtype a layer with ``k`` inputs is solved in (``float32_from`` None: always float64)."""
+    return torch.float32 if float32_from is not None and k >= float32_from else torch.float64
+
+
+def dampened(h: torch.Tensor, damp: float = DEFAULT_DAMP,
+             dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H + λ·mean(diag H)·I, dead)`` in ``dtype``, with dead columns' diagonal set to 1.
 
     Raises :class:`QuantizationError` for a non-finite or all-zero ``H`` (nothing to weight with).
     """
-    h = h.detach().double().clone()
+    h = h.detach().to(dtype, copy=True)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise QuantizationError(f"input second moments must be a square matrix, got shape {tuple(h.shape)}")
     if not torch.isfinite(h).all():
@@ -92,17 +109,19 @@ class HessianFactors:
     Every factor is computed on first use by exactly the operations a standalone call performs, so
     sharing changes no value; it saves three of the five ``K³`` factorizations of a layer under the
     mixed default, which is most of the solve time at SD1.5's widths. :meth:`drop` frees factors no
-    longer needed (each is a ``K×K`` float64 matrix: 4 GiB at K = 23040)."""
+    longer needed (each is a ``K×K`` matrix of ``dtype``: 2 GiB in float32 at K = 23040).
 
-    def __init__(self, h: torch.Tensor, damp: float = DEFAULT_DAMP) -> None:
-        self.h, self.damp = h, damp
+    ``dtype``: what every factor, and every solve that uses them, computes in (:func:`solve_dtype`)."""
+
+    def __init__(self, h: torch.Tensor, damp: float = DEFAULT_DAMP, dtype: torch.dtype = torch.float64) -> None:
+        self.h, self.damp, self.dtype = h, damp, dtype
         self._hd: torch.Tensor | None = None
         self._upper: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
         self._low: torch.Tensor | None = None
 
     def dampened(self) -> torch.Tensor:
         if self._hd is None:
-            self._hd, _ = dampened(self.h, self.damp)
+            self._hd, _ = dampened(self.h, self.damp, self.dtype)
         return self._hd
 
     def upper(self, act_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +142,7 @@ class HessianFactors:
                 if self._low is not None:  # H itself is no longer needed: one K×K matrix less at the peak
                     del hd
                     self._hd = None
-                    u = _upper_inverse_factor(None, self.damp, self._low, rebuild=lambda: dampened(self.h, self.damp)[0])
+                    u = _upper_inverse_factor(None, self.damp, self._low, rebuild=lambda: dampened(self.h, self.damp, self.dtype)[0])
                 else:
                     u = _upper_inverse_factor(hd, self.damp)
                 self._upper[False] = (perm, u)
@@ -152,17 +171,19 @@ def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, qt: QType | str, damp: 
     """Quantize ``weight`` (Linear ``[out, K]`` or Conv2d ``[out, in, kh, kw]``) with GPTQ given its
     inputs' second moments ``h`` ``[K, K]``; returns the storage tensors of ``qt`` (what
     ``weights.quantize_weight`` returns, same shapes and dtypes). ``factors``: a
-    :class:`HessianFactors` of this ``h`` and ``damp`` to take the factorization from (and leave it in)."""
+    :class:`HessianFactors` of this ``h`` and ``damp`` to take the factorization from (and leave it in);
+    the sweep computes in its ``dtype`` (float64 without ``factors``)."""
     qt = weight_qtype(qt)
     if not torch.isfinite(weight).all():
         raise QuantizationError(f"layer {layer!r}: weight has NaN or inf values; refusing to quantize")
     check_fits(qt, weight.shape, layer)
-    w = weight.detach().double().reshape(weight.shape[0], -1).clone()
+    dtype = torch.float64 if factors is None else factors.dtype
+    w = weight.detach().to(dtype, copy=True).reshape(weight.shape[0], -1)
     out, k = w.shape
     if tuple(h.shape) != (k, k):
         raise QuantizationError(f"layer {layer!r}: input second moments are {tuple(h.shape)}, the weight needs ({k}, {k})")
     if factors is None:
-        factors = HessianFactors(h.to(w.device), damp)
+        factors = HessianFactors(h.to(w.device), damp, dtype)
     try:
         perm, u = factors.upper(act_order)
     except QuantizationError as exc:
@@ -170,9 +191,9 @@ def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, qt: QType | str, damp: 
     group = k if qt.granularity == PER_CHANNEL else qt.group_size
     static = act_order or group == k
     scale, zero = weight_grid(w.float(), qt)
-    scale, zero = scale.double(), None if zero is None else zero.double()
+    scale, zero = scale.to(dtype), None if zero is None else zero.to(dtype)
     w = w[:, perm]
-    codes = torch.zeros(out, k, dtype=torch.float64, device=w.device)
+    codes = torch.zeros(out, k, dtype=dtype, device=w.device)  # integers ≤ 255: exact in either dtype
     # blocks of whole groups in natural order, so a group's grid is chosen from its updated columns
     bs = block_size if static else max(group, block_size // group * group)
     for i1 in range(0, k, bs):
@@ -185,11 +206,11 @@ def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, qt: QType | str, damp: 
             g = col // group
             if not static and col % group == 0:
                 s_new, z_new = weight_grid(w1[:, j : j + group].float(), qt)
-                scale[:, g] = s_new[:, 0].double()
+                scale[:, g] = s_new[:, 0].to(dtype)
                 if zero is not None:
-                    zero[:, g] = z_new[:, 0].double()
+                    zero[:, g] = z_new[:, 0].to(dtype)
             c, d = round_to_grid(w1[:, j], scale[:, g], None if zero is None else zero[:, g], qt)
-            codes[:, i1 + j] = c.double()
+            codes[:, i1 + j] = c.to(dtype)
             e = (w1[:, j] - d) / u1[j, j]
             w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
             err1[:, j] = e
@@ -198,8 +219,9 @@ def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, qt: QType | str, damp: 
     return storage_from_codes(codes[:, inverse], scale.float(), None if zero is None else zero.float(), qt)
 
 
-def output_error(w_ref: torch.Tensor, w_q: torch.Tensor, h: torch.Tensor) -> float:
+def output_error(w_ref: torch.Tensor, w_q: torch.Tensor, h: torch.Tensor, dtype: torch.dtype = torch.float64) -> float:
     """``tr(ΔW H ΔWᵀ)``: the summed squared output error of ``w_q`` against ``w_ref`` over the
-    inputs whose second moment is ``h`` (weights flattened to ``[out, K]``)."""
-    d = (w_q.detach().double() - w_ref.detach().double()).reshape(w_ref.shape[0], -1)
-    return float(((d @ h.double()) * d).sum())
+    inputs whose second moment is ``h`` (weights flattened to ``[out, K]``). ``ΔW`` is formed in
+    float64, the ``out·K²`` product computed in ``dtype`` and summed in float64."""
+    d = (w_q.detach().double() - w_ref.detach().double()).reshape(w_ref.shape[0], -1).to(dtype)
+    return float(((d @ h.to(dtype)) * d).double().sum())

@@ -21,8 +21,9 @@ from .gptq import DEFAULT_DAMP, dampened
 
 def weighted_svd(residual: torch.Tensor, h: torch.Tensor, damp: float = DEFAULT_DAMP, factors=None):
     """``(U, S, Vh, L)`` of ``E L`` with ``H + damping = L Lᵀ`` (float64); ``factors``: a
-    ``gptq.HessianFactors`` of this ``h`` and ``damp`` to take ``L`` from."""
-    e = residual.detach().double().reshape(residual.shape[0], -1)
+    ``gptq.HessianFactors`` of this ``h`` and ``damp`` to take ``L`` from (then in its ``dtype``)."""
+    dtype = torch.float64 if factors is None else factors.dtype
+    e = residual.detach().to(dtype).reshape(residual.shape[0], -1)
     if factors is not None:
         low = factors.lower()
     else:

@@ -124,6 +124,27 @@ def test_damping_reaches_the_solver():
     assert gptq[0]["latent_mse"] != gptq[1]["latent_mse"]
 
 
+def test_the_float32_width_reaches_the_solver(monkeypatch):
+    seen = []
+    real = quantizers.quantize_calibrated
+
+    def spy(module, plan, inputs, config=None, *a, **k):
+        seen.append(config.float32_from)
+        return real(module, plan, inputs, config, *a, **k)
+
+    monkeypatch.setattr(quantizers, "quantize_calibrated", spy)
+    res = quantizers.run(["W4A16"], ["rtn", "gptq"], ["euler"], [3.0], SEEDS, CALIB[:4], CLASSES, float32_from=0, **SMALL)
+    assert seen == [0] and res["float32_from"] == 0
+    parser = __import__("argparse").ArgumentParser()
+    quantizers.add_parser(parser.add_subparsers())
+    got = {}
+    monkeypatch.setattr(quantizers, "run", lambda *a, **k: got.update(k) or {})
+    monkeypatch.setattr(quantizers, "print_result", lambda res: None)
+    for flag, want in ((["--float32-from", "0"], 0), (["--float32-from", "none"], None), ([], 4096)):
+        quantizers.main(parser.parse_args(["quantizers", "--seeds", "1000-1003", "--calib-seeds", "0-3", *flag]))
+        assert got["float32_from"] == want, flag
+
+
 def test_amplitude_rows_scale_round_to_nearest_weight_error_and_early_error_measures_it():
     res = quantizers.run(["W4A16"], ["rtn", "gptq"], ["euler"], [3.0], SEEDS, CALIB[:4], CLASSES,
                          amplitudes=[1.0, 0.5, 0.0], **SMALL)

@@ -19,6 +19,21 @@ def test_the_bench_solves_a_layer_with_its_budget_candidates_and_reports_json(ca
         assert r["seconds"] > 0 and r["candidates"] and r["rounding"].startswith(("gptq", "rtn"))
     assert res["sd15"]["layers"] == 278 and res["sd15"]["widest"] == {"out": 1280, "k": 23040}
     assert any("an estimate from the rows above" in line for line in out)
+    assert [r["dtype"] for r in res["rows"]] == ["float64", "float64"] and res["float32_from"] == 4096
+
+
+def test_the_bench_solves_in_float32_from_the_given_width_and_reports_the_error_it_costs(capsys):
+    from qcorrect.cli import main
+
+    assert main(["bench", "solve", "--shapes", "32x128,48x192", "--float32-from", "150", "--threads", "1", "--json"]) == 0
+    f32 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["dtype"] for r in f32["rows"]] == ["float64", "float32"]
+    assert main(["bench", "solve", "--shapes", "32x128,48x192", "--float32-from", "none", "--threads", "1", "--json"]) == 0
+    f64 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["dtype"] for r in f64["rows"]] == ["float64", "float64"] and f64["float32_from"] is None
+    # the float64 row is the same solve in both runs; the float32 one lands close to its float64 twin
+    assert f32["rows"][0]["held_out_error_vs_rtn"] == f64["rows"][0]["held_out_error_vs_rtn"]
+    assert f32["rows"][1]["held_out_error_vs_rtn"] == pytest.approx(f64["rows"][1]["held_out_error_vs_rtn"], rel=1e-3)
 
 
 def test_the_cost_fit_recovers_a_known_model_and_needs_two_shapes():

@@ -210,7 +210,7 @@ def test_a_budget_below_the_base_spends_nothing_and_says_so(setting):
 
 def test_bad_configs_are_refused():
     for bad in (dict(rounding="adaround"), dict(act_order="maybe"), dict(damp=0.0), dict(budget=1.5),
-                dict(budget_options=("int2",))):
+                dict(budget_options=("int2",)), dict(float32_from=-1), dict(float32_from=1.5), dict(float32_from=True)):
         with pytest.raises(QuantizationError):
             CalibratedConfig(**bad).validate()
 
@@ -422,3 +422,34 @@ def test_the_held_out_errors_of_every_rank_match_a_direct_computation(setting):
         assert err == pytest.approx(output_error(w2, eff, stats["mid"].h_hold), rel=1e-9)
     assert cand.rank_errors[10] < cand.rank_errors[4] < sol.err_hold
     assert reachable_ranks(32, 3) == [3] and reachable_ranks(0, 50) == []
+
+
+def test_layers_solved_in_float32_match_float64_and_narrow_layers_are_untouched(setting):
+    """float32_from: the layers at least that wide are solved in float32 (factorizations, sweep, held-out
+    errors, rank errors) and land where float64 does; below it nothing changes, bit for bit."""
+    from qcorrect.quant.budget import _effective, _flat, prepare
+    from qcorrect.quant.calibrated import solve_layer
+    from qcorrect.quant.gptq import output_error
+
+    net, stats, test = setting
+    mixed = dict(budget=0.45, budget_options=("int8", "rank", "kept", "uint3"))
+    f64, f32 = Net(), Net()
+    rep64 = quantize_calibrated(f64, "W4A8", stats, CalibratedConfig(float32_from=None, **mixed))
+    rep32 = quantize_calibrated(f32, "W4A8", stats, CalibratedConfig(float32_from=0, **mixed))
+    assert rep32["config"]["float32_from"] == 0
+    for name, c64 in rep64["layers"].items():
+        assert rep32["layers"][name]["held_out_error_vs_rtn"] == pytest.approx(c64["held_out_error_vs_rtn"], abs=2e-3), name
+    with torch.no_grad():
+        assert output_mse(f32, net, test) == pytest.approx(output_mse(f64, net, test), rel=0.05)
+    default = Net()  # every layer here is far narrower than the default threshold: float64, the same model
+    quantize_calibrated(default, "W4A8", stats, CalibratedConfig(**mixed))
+    assert _same_model(default, f64)
+    cfg = CalibratedConfig(budget=0.3, budget_options=("rank",), max_rank=10, float32_from=0).validate()
+    m = net.get_submodule("mid")
+    sol = solve_layer("mid", m.weight, stats["mid"], "uint4_g64", None, cfg)
+    prepare("mid", m.weight, sol, stats["mid"], cfg)
+    cand = sol.candidates
+    assert cand.s.dtype == torch.float32
+    for r, err in cand.rank_errors.items():
+        eff = _effective(sol, tuple(m.weight.shape)) + cand.a[:, :r].double() @ cand.b[:r].double()
+        assert err == pytest.approx(output_error(_flat(m.weight), eff, stats["mid"].h_hold), rel=1e-4)
