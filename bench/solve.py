@@ -11,8 +11,8 @@ also reports the solution's held-out output error relative to round-to-nearest's
 differ only in precision show what it costs in quality on the same statistics. This benchmark times the real solver on one Linear layer of each given shape
 (random weights, synthetic correlated statistics; neither time nor memory depends on the values),
 reports the peak memory the solve added (``VmHWM`` on Linux, as ``bench tuning``), and fits
-``t = a·K³ + b·out·K²`` to the rows to estimate the SD1.5-shaped UNet's W4 layers' total, a rough
-extrapolation that says so.
+``t = a·K³ + b·out·K²`` to the rows of each dtype to estimate the SD1.5-shaped UNet's W4 layers'
+total (each layer by the fit of the dtype it is solved in), a rough extrapolation that says so.
 """
 
 from __future__ import annotations
@@ -93,17 +93,41 @@ def fit_cost(rows: list[dict]) -> tuple[float, float] | None:
     return min(fits)[1]
 
 
-def sd15_estimate(a: float, b: float) -> dict:
-    """The fitted model applied to the SD1.5-shaped UNet's W4A8 layers (shapes from the meta device)."""
+def _through(row: dict) -> tuple[float, float]:
+    """The one-term fit ``(0, b)`` through one row."""
+    return 0.0, float(row["seconds"]) / (float(row["out"]) * float(row["k"]) ** 2)
+
+
+def fits_by_dtype(rows: list[dict]) -> dict[str, tuple[float, float]]:
+    """``{dtype: (a, b)}``: :func:`fit_cost` of the rows solved in that dtype, the one-term fit through a
+    dtype's single row, and for a dtype without rows the fit of all rows (or through the first row)."""
+    overall = fit_cost(rows) or _through(rows[0])
+    fits = {}
+    for dt in ("float64", "float32"):
+        mine = [r for r in rows if r.get("dtype", "float64") == dt]
+        fits[dt] = fit_cost(mine) or (_through(mine[0]) if mine else overall)
+    return fits
+
+
+def sd15_estimate(fits, float32_from: int | None = FLOAT32_FROM) -> dict:
+    """The fitted model applied to the SD1.5-shaped UNet's W4A8 layers (shapes from the meta device):
+    ``fits`` one ``(a, b)`` for every layer or ``{dtype: (a, b)}``, each layer taking the fit of the dtype
+    ``float32_from`` solves it in."""
+    if isinstance(fits, tuple):
+        fits = {"float64": fits, "float32": fits}
     with torch.device("meta"):
         model = SDUNet()
     decisions = resolve_plan(model, PRESETS["W4A8"])
     shapes = [(m.weight.shape[0], input_size(tuple(m.weight.shape))) for n, m in model.named_modules()
               if decisions.get(n, {}).get("weight")]
-    per = [a * k**3 + b * o * k * k for o, k in shapes]
+    def cost(o, k):
+        a, b = fits[str(solve_dtype(k, float32_from)).removeprefix("torch.")]
+        return a * k**3 + b * o * k * k
+
     widest = max(shapes, key=lambda s: s[1])
-    return {"layers": len(shapes), "seconds": sum(per), "widest": {"out": widest[0], "k": widest[1]},
-            "widest_seconds": a * widest[1] ** 3 + b * widest[0] * widest[1] ** 2}
+    return {"layers": len(shapes), "seconds": sum(cost(o, k) for o, k in shapes),
+            "float32_layers": sum(1 for _, k in shapes if solve_dtype(k, float32_from) == torch.float32),
+            "widest": {"out": widest[0], "k": widest[1]}, "widest_seconds": cost(*widest)}
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -132,14 +156,15 @@ def main(args) -> int:
                   "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / gib:.2f}",
                   "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / r['k2_float64_bytes']:.1f}",
                   "-" if r["held_out_error_vs_rtn"] is None else f"{r['held_out_error_vs_rtn']:.6f}"] for r in rows])
-    coef = fit_cost(rows)
-    if coef is not None:
-        a, b = coef
-        est = sd15_estimate(a, b)
-        res["fit"] = {"a": a, "b": b}
+    fits = fits_by_dtype(rows) if len(rows) > 1 else None
+    if fits is not None:
+        est = sd15_estimate(fits, f32)
+        res["fit"] = {dt: {"a": a, "b": b} for dt, (a, b) in fits.items()}
         res["sd15"] = est
         w = est["widest"]
-        print(f"fitted t = {a:.3g}·K³ + {b:.3g}·out·K² s; extrapolated to the SD1.5-shaped UNet's {est['layers']} W4 layers: "
+        for dt, (a, b) in fits.items():
+            print(f"fitted ({dt}) t = {a:.3g}·K³ + {b:.3g}·out·K² s")
+        print(f"extrapolated to the SD1.5-shaped UNet's {est['layers']} W4 layers ({est['float32_layers']} of them in float32): "
               f"about {est['seconds'] / 3600:.1f} h on {threads} thread(s) (widest, {w['out']}x{w['k']}: about "
               f"{est['widest_seconds'] / 60:.0f} min) — an estimate from the rows above, not a measurement")
     if args.json:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from qcorrect.bench.solve import fit_cost, parse_shapes, sd15_estimate, solve_one, synthetic_stats
+from qcorrect.bench.solve import fit_cost, fits_by_dtype, parse_shapes, sd15_estimate, solve_one, synthetic_stats
 
 
 def test_the_bench_solves_a_layer_with_its_budget_candidates_and_reports_json(capsys):
@@ -47,8 +47,25 @@ def test_the_cost_fit_recovers_a_known_model_and_needs_two_shapes():
                 ((320, 2304, 3.7), (2304, 2304, 21.34), (640, 4608, 22.8), (1280, 11520, 282.88))]
     na, nb = fit_cost(measured)
     assert na == 0.0 and nb > 0
-    est = sd15_estimate(fa, fb)
+    est = sd15_estimate((fa, fb))
     assert est["seconds"] > est["widest_seconds"] > 0
+
+
+def test_each_layer_is_extrapolated_by_the_fit_of_the_dtype_it_is_solved_in():
+    rows = [{"out": o, "k": k, "seconds": t, "dtype": d} for o, k, t, d in
+            ((320, 2304, 3.86, "float64"), (2304, 2304, 25.87, "float64"),
+             (640, 4608, 14.49, "float32"), (1280, 11520, 141.01, "float32"))]
+    fits = fits_by_dtype(rows)
+    assert fits["float32"] == fit_cost(rows[2:]) and fits["float64"] == fit_cost(rows[:2])
+    est = sd15_estimate(fits)
+    all64 = sd15_estimate(fits["float64"])
+    assert 0 < est["float32_layers"] < est["layers"] == 278
+    assert est["widest_seconds"] == pytest.approx(sd15_estimate(fits["float32"])["widest_seconds"])
+    assert est["seconds"] < all64["seconds"] and sd15_estimate(fits, None)["seconds"] == pytest.approx(all64["seconds"])
+    # a dtype with one row is fitted through it; one without rows takes the fit of all rows
+    one = fits_by_dtype(rows[:3])
+    assert one["float32"] == (0.0, pytest.approx(14.49 / (640 * 4608**2)))
+    assert fits_by_dtype(rows[:2])["float32"] == fit_cost(rows[:2])
 
 
 def test_synthetic_statistics_are_symmetric_positive_and_split_three_to_one():
