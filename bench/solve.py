@@ -25,7 +25,7 @@ from torch import nn
 from ..quant import PRESETS, resolve_plan
 from dataclasses import replace
 
-from ..quant.calibrated import CalibratedConfig, CalibratedSolver
+from ..quant.calibrated import ACT_ORDERS, CalibratedConfig, CalibratedSolver
 from ..quant.gptq import FLOAT32_FROM, solve_dtype
 from ..quant.layerinputs import LayerInputs
 from ..quant.weights import input_size
@@ -145,10 +145,11 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 def main(args) -> int:
     threads = set_threads(args.threads, default=True)
     f32 = None if str(args.float32_from).lower() == "none" else int(args.float32_from)
-    config = replace(MIXED, float32_from=f32)
+    config = replace(MIXED, float32_from=f32, act_order=args.act_order)
     rows = [solve_one(o, k, config, seed=args.seed) for o, k in parse_shapes(args.shapes)]
-    res = {"rows": rows, "threads": threads, "float32_from": f32,
-           "config": "W4A8, mixed default (GPTQ both orders; int8, rank, kept, uint3)"}
+    orders = {"on": "activation order", "off": "natural order", "both": "both orders"}[args.act_order]
+    res = {"rows": rows, "threads": threads, "float32_from": f32, "act_order": args.act_order,
+           "config": f"W4A8, mixed default (GPTQ {orders}; int8, rank, kept, uint3)"}
     gib = 2**30
     print(f"one layer's calibrated solve ({res['config']}), {threads} thread(s):")
     print_table(["out x K", "dtype", "seconds", "peak +GiB", "peak / (K x K float64)", "held-out err / RTN"],
@@ -176,6 +177,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("solve", help="time and peak memory of solving one layer in calibrated quantization, by width")
     p.add_argument("--shapes", default="320x2304,640x4608", help="comma-separated OUTxK Linear shapes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--act-order", default=MIXED.act_order, choices=ACT_ORDERS,
+                   help=f"GPTQ column order(s) solved at the layer's own type (default {MIXED.act_order}, the node's)")
     p.add_argument("--float32-from", default=str(FLOAT32_FROM),
                    help=f"solve layers with at least this many inputs in float32 (default {FLOAT32_FROM}; none: all float64)")
     p.add_argument("--threads", type=int, default=None)

@@ -20,6 +20,10 @@ def test_the_bench_solves_a_layer_with_its_budget_candidates_and_reports_json(ca
     assert res["sd15"]["layers"] == 278 and res["sd15"]["widest"] == {"out": 1280, "k": 23040}
     assert any("an estimate from the rows above" in line for line in out)
     assert [r["dtype"] for r in res["rows"]] == ["float64", "float64"] and res["float32_from"] == 4096
+    assert res["act_order"] == "both" and "both orders" in res["config"]  # the node's default
+    assert main(["bench", "solve", "--shapes", "32x128", "--act-order", "off", "--threads", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["act_order"] == "off" and res["rows"][0]["rounding"] in ("gptq", "rtn") and "sd15" not in res
 
 
 def test_the_bench_solves_in_float32_from_the_given_width_and_reports_the_error_it_costs(capsys):
