@@ -113,17 +113,19 @@ def reachable_ranks(max_rank: int, singular_values: int) -> list[int]:
     return ranks
 
 
-def _solve_at(w2: torch.Tensor, weight_type: str, st, cfg, name: str, hessian, h_hold: torch.Tensor) -> tuple:
+def _solve_at(w2: torch.Tensor, weight_type: str, st, cfg, name: str, hessian, h_hold: torch.Tensor,
+              rtn_error: float | None = None) -> tuple:
     """``(storage, rounding, held-out error)``: round-to-nearest or GPTQ (activation order) at
     ``weight_type``, whichever has the lower held-out error (``h_hold``: the held-out sums, in the
-    dtype the layer is solved in, ``hessian.dtype``)."""
+    dtype the layer is solved in, ``hessian.dtype``; ``rtn_error``: round-to-nearest's, if known)."""
     from .gptq import gptq_quantize
 
     qt = qtype(weight_type)
     cands = {"rtn": quantize_weight(w2, qt, name)}
     if cfg.rounding == "gptq":
         cands["gptq_act_order"] = gptq_quantize(w2, st.h_fit, qt, cfg.damp, True, layer=name, factors=hessian)
-    errs = {k: output_error(w2, dequantize_weight(v, qt, w2.shape, torch.float32), h_hold, hessian.dtype)
+    errs = {k: (rtn_error if k == "rtn" and rtn_error is not None else
+                output_error(w2, dequantize_weight(v, qt, w2.shape, torch.float32), h_hold, hessian.dtype))
             for k, v in cands.items()}
     best = min(errs, key=errs.get)
     return cands[best], best, errs[best]
@@ -148,8 +150,9 @@ def prepare(name: str, weight: torch.Tensor, sol, st, cfg, hessian=None) -> None
         cand.int8 = _solve_at(w2, "int8", st, cfg, name, hessian, h_hold)
     low = None if sol.input_scale is not None else lower_type(sol.weight_type, shape)
     if "uint3" in cfg.budget_options and low is not None and sol.err_rtn_hold > 0:
-        cand.low_type, cand.low_ratio = low, _rtn_error(w2, low, h_hold, hessian.dtype) / sol.err_rtn_hold
-        cand.low = _solve_at(w2, low, st, cfg, name, hessian, h_hold)
+        low_rtn = _rtn_error(w2, low, h_hold, hessian.dtype)
+        cand.low_type, cand.low_ratio = low, low_rtn / sol.err_rtn_hold
+        cand.low = _solve_at(w2, low, st, cfg, name, hessian, h_hold, low_rtn)
     hessian.drop("act_order", "natural", "dampened")  # only L is still needed
     if "rank" in cfg.budget_options and cfg.max_rank > 0:
         resid = w2.double() - _effective(sol, shape)

@@ -183,7 +183,9 @@ def solve_layer(name: str, w: torch.Tensor, stats: LayerInputs | None, weight_ty
                                                                                factors=shared)
             except QuantizationError as exc:
                 calib["gptq_error"] = str(exc)
-    errs = {k: output_error(w2, effective(st), h_hold, dtype) for k, st in candidates.items()}
+    # round-to-nearest's error is known unless AWQ scales made it another weight (each is out·K² work)
+    errs = {k: (err_rtn if k == "rtn" and sk is None else output_error(w2, effective(st), h_hold, dtype))
+            for k, st in candidates.items()}
     if cfg.fallback or cfg.rounding == "rtn":
         chosen = min(errs, key=errs.get)
     else:
