@@ -359,7 +359,8 @@ def _same_model(a: nn.Module, b: nn.Module) -> bool:
     CalibratedConfig(budget=0.45, budget_options=("int8", "rank", "kept", "uint3"), act_order="both"),
     CalibratedConfig(budget=0.45, budget_options=("rank",), max_rank=6),
     CalibratedConfig(),
-], ids=["greedy", "awq", "mixed", "rank", "no-budget"])
+    CalibratedConfig(budget=0.45, budget_options=("int8", "rank", "kept", "uint3"), float32_from=0),
+], ids=["greedy", "awq", "mixed", "rank", "no-budget", "mixed-float32"])
 def test_statistics_added_in_groups_give_the_same_model_as_all_at_once(setting, cfg):
     """CalibratedSolver: layers solved group by group (any order, each group's statistics then dropped)
     give the model quantize_calibrated makes from all statistics at once, bit for bit: each layer's
