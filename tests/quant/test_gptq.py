@@ -90,22 +90,32 @@ def test_gptq_storage_loads_with_load_quantized(tmp_path):
     assert torch.equal(back.a(x), m.a(x))
 
 
-def test_dead_inputs_keep_their_weights_and_round_to_nearest():
+def _factors(dtype):
+    from qcorrect.quant.gptq import HessianFactors
+
+    return (lambda h: None) if dtype is None else (lambda h: HessianFactors(h, 0.01, dtype))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32], ids=["float64", "float32"])
+def test_dead_inputs_keep_their_weights_and_round_to_nearest(dtype):
     qt = qtype("uint4_g64")
     w = torch.randn(8, 128, generator=torch.Generator().manual_seed(8))
     rows = correlated_rows(600, 128, 9)
     rows[:, :64] = 0  # the first group never sees an input
-    q = dequantize_weight(gptq_quantize(w, rows.T @ rows, qt), qt, w.shape, torch.float32)
+    h = rows.T @ rows
+    q = dequantize_weight(gptq_quantize(w, h, qt, factors=_factors(dtype)(h)), qt, w.shape, torch.float32)
     assert torch.equal(q[:, :64], rtn(w, qt)[:, :64])  # not zeroed, not moved
 
 
-def test_too_few_rows_for_the_statistics_still_quantizes_with_damping():
+@pytest.mark.parametrize("dtype", [None, torch.float32], ids=["float64", "float32"])
+def test_too_few_rows_for_the_statistics_still_quantizes_with_damping(dtype):
     qt = qtype("uint4_g64")
     w = torch.randn(8, 128, generator=torch.Generator().manual_seed(10))
     rows = correlated_rows(20, 128, 11)  # rank 20 < K = 128: singular without damping
-    q = dequantize_weight(gptq_quantize(w, rows.T @ rows, qt), qt, w.shape, torch.float32)
+    h = rows.T @ rows
+    q = dequantize_weight(gptq_quantize(w, h, qt, factors=_factors(dtype)(h)), qt, w.shape, torch.float32)
     assert torch.isfinite(q).all()
-    assert output_error(w, q, rows.T @ rows) < output_error(w, rtn(w, qt), rows.T @ rows)
+    assert output_error(w, q, h) < output_error(w, rtn(w, qt), h)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
