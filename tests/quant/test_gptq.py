@@ -196,3 +196,28 @@ def test_wide_layers_are_solved_in_float32_at_float64_quality():
     # output_error in float32 agrees with float64 on the same ΔW
     d = w + 1e-3 * torch.randn(out, k)
     assert output_error(w, d, h_hold, torch.float32) == pytest.approx(output_error(w, d, h_hold), rel=1e-4)
+
+
+def test_float32_solves_hold_up_on_ill_conditioned_statistics():
+    """Real activations have a shared mean (one dominant direction) and outlier channels, which push the
+    dampened H's condition number towards its bound K / damp; float32 Cholesky is backward stable, so
+    its error acts like a small change of the damping and the solve lands where float64's does."""
+    from qcorrect.quant.gptq import HessianFactors
+
+    k, qt = 768, qtype("uint4_g64")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3 * k, k, generator=g) * torch.linspace(0.1, 3.0, k)
+    x += 5.0 * torch.randn(k, generator=g)
+    x[:, :4] *= 300.0
+    fit, hold = x[: 2 * k], x[2 * k :]
+    h, hh = fit.T @ fit, hold.T @ hold
+    hd = h.double() + 0.01 * h.diagonal().double().mean() * torch.eye(k, dtype=torch.float64)
+    ev = torch.linalg.eigvalsh(hd)
+    assert float(ev[-1] / ev[0]) > 1e4  # ill-conditioned, as intended
+    w = torch.randn(64, k, generator=g) * 0.02
+    errs = {}
+    for dt in (torch.float64, torch.float32):
+        s = gptq_quantize(w, h, qt, 0.01, True, factors=HessianFactors(h, 0.01, dt))
+        errs[dt] = output_error(w, dequantize_weight(s, qt, w.shape, torch.float32), hh)
+    assert errs[torch.float32] == pytest.approx(errs[torch.float64], rel=1e-3)
+    assert errs[torch.float64] < 0.5 * output_error(w, rtn(w, qt), hh)
