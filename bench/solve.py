@@ -37,8 +37,9 @@ from .tuning import PeakMemory
 MIXED = CalibratedConfig(budget=0.30, budget_options=("int8", "rank", "kept", "uint3"))
 
 
-def synthetic_stats(k: int, seed: int = 0) -> LayerInputs:
-    """Statistics of ``2·K`` correlated rows (three quarters fit, a quarter held out), summed in float32."""
+def synthetic_stats(k: int, seed: int = 0, device: str | torch.device = "cpu") -> LayerInputs:
+    """Statistics of ``2·K`` correlated rows (three quarters fit, a quarter held out), summed in float32
+    on the CPU (the same values whatever ``device``) and then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2 * k, k, generator=g) * torch.linspace(0.1, 3.0, k)
     x[:, 1:] += 0.5 * x[:, :-1]  # neighbouring channels correlate
@@ -52,22 +53,30 @@ def synthetic_stats(k: int, seed: int = 0) -> LayerInputs:
     st.absmean = x.abs().mean(0)
     st.hi, st.lo = x.amax(0), x.amin(0)
     st.calls = 1
+    if torch.device(device).type != "cpu":
+        for name in ("h_fit", "h_hold", "absmax", "absmean", "hi", "lo"):
+            setattr(st, name, getattr(st, name).to(device))
     return st
 
 
-def solve_one(out: int, k: int, config: CalibratedConfig = MIXED, seed: int = 0) -> dict:
-    """Time and peak memory of :class:`CalibratedSolver` solving one ``out×K`` Linear under W4A8."""
+def solve_one(out: int, k: int, config: CalibratedConfig = MIXED, seed: int = 0,
+              device: str | torch.device = "cpu") -> dict:
+    """Time and peak memory of :class:`CalibratedSolver` solving one ``out×K`` Linear under W4A8, with the
+    statistics on ``device`` (the solver solves where the statistics live; the peak is that device's)."""
+    device = torch.device(device)
     torch.manual_seed(seed)
     module = nn.Sequential(nn.Linear(k, out))
-    st = synthetic_stats(k, seed)
+    st = synthetic_stats(k, seed, device)
     solver = CalibratedSolver(module, PRESETS["W4A8"], config)
-    mem = PeakMemory(torch.device("cpu"))
+    mem = PeakMemory(device)
     mem.reset()
     t = time.perf_counter()
     solver.add({"0": st})
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t
     sol = solver.solutions["0"]
-    return {"out": out, "k": k, "seconds": round(seconds, 2), "peak_bytes": mem.peak(),
+    return {"out": out, "k": k, "device": str(device), "seconds": round(seconds, 2), "peak_bytes": mem.peak(),
             "k2_float64_bytes": 8 * k * k, "rounding": sol.calib.get("rounding"),
             "dtype": str(solve_dtype(k, config.float32_from)).removeprefix("torch."),
             "held_out_error_vs_rtn": sol.err_hold / sol.err_rtn_hold if sol.err_rtn_hold > 0 else None,
@@ -146,12 +155,15 @@ def main(args) -> int:
     threads = set_threads(args.threads, default=True)
     f32 = None if str(args.float32_from).lower() == "none" else int(args.float32_from)
     config = replace(MIXED, float32_from=f32, act_order=args.act_order)
-    rows = [solve_one(o, k, config, seed=args.seed) for o, k in parse_shapes(args.shapes)]
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this torch sees no CUDA device")
+    rows = [solve_one(o, k, config, seed=args.seed, device=device) for o, k in parse_shapes(args.shapes)]
     orders = {"on": "activation order", "off": "natural order", "both": "both orders"}[args.act_order]
-    res = {"rows": rows, "threads": threads, "float32_from": f32, "act_order": args.act_order,
+    res = {"rows": rows, "threads": threads, "device": str(device), "float32_from": f32, "act_order": args.act_order,
            "config": f"W4A8, mixed default (GPTQ {orders}; int8, rank, kept, uint3)"}
     gib = 2**30
-    print(f"one layer's calibrated solve ({res['config']}), {threads} thread(s):")
+    print(f"one layer's calibrated solve ({res['config']}) on {device}, {threads} CPU thread(s):")
     print_table(["out x K", "dtype", "seconds", "peak +GiB", "peak / (K x K float64)", "held-out err / RTN"],
                 [[f"{r['out']}x{r['k']}", r["dtype"], r["seconds"],
                   "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / gib:.2f}",
@@ -160,13 +172,14 @@ def main(args) -> int:
     fits = fits_by_dtype(rows) if len(rows) > 1 else None
     if fits is not None:
         est = sd15_estimate(fits, f32)
+        where = f"{threads} thread(s)" if device.type == "cpu" else str(device)
         res["fit"] = {dt: {"a": a, "b": b} for dt, (a, b) in fits.items()}
         res["sd15"] = est
         w = est["widest"]
         for dt, (a, b) in fits.items():
             print(f"fitted ({dt}) t = {a:.3g}·K³ + {b:.3g}·out·K² s")
         print(f"extrapolated to the SD1.5-shaped UNet's {est['layers']} W4 layers ({est['float32_layers']} of them in float32): "
-              f"about {est['seconds'] / 3600:.1f} h on {threads} thread(s) (widest, {w['out']}x{w['k']}: about "
+              f"about {est['seconds'] / 3600:.1f} h on {where} (widest, {w['out']}x{w['k']}: about "
               f"{est['widest_seconds'] / 60:.0f} min) — an estimate from the rows above, not a measurement")
     if args.json:
         emit_json(res)
@@ -177,6 +190,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("solve", help="time and peak memory of solving one layer in calibrated quantization, by width")
     p.add_argument("--shapes", default="320x2304,640x4608", help="comma-separated OUTxK Linear shapes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu",
+                   help="where the statistics live and so where the solver solves: cpu (what the node does today) or cuda")
     p.add_argument("--act-order", default=MIXED.act_order, choices=ACT_ORDERS,
                    help=f"GPTQ column order(s) solved at the layer's own type (default {MIXED.act_order}, the node's)")
     p.add_argument("--float32-from", default=str(FLOAT32_FROM),

@@ -80,3 +80,22 @@ def test_synthetic_statistics_are_symmetric_positive_and_split_three_to_one():
     with pytest.raises(SystemExit):
         parse_shapes(" , ")
     assert solve_one(16, 64)["candidates"]
+
+
+def test_the_solve_runs_where_the_statistics_live_and_cuda_without_a_device_is_refused(capsys, monkeypatch):
+    from qcorrect.cli import main
+
+    st = synthetic_stats(64, 0, "cpu")
+    assert st.h_fit.device.type == "cpu" and torch.equal(st.h_fit, synthetic_stats(64, 0).h_fit)
+    row = solve_one(16, 64, device="cpu")
+    assert row["device"] == "cpu" and row["candidates"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        main(["bench", "solve", "--shapes", "16x64", "--device", "cuda", "--threads", "1"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_solve_on_cuda_matches_the_cpu_solve():
+    cpu, gpu = solve_one(32, 256, device="cpu"), solve_one(32, 256, device="cuda")
+    assert gpu["device"].startswith("cuda") and gpu["rounding"] == cpu["rounding"]
+    assert gpu["held_out_error_vs_rtn"] == pytest.approx(cpu["held_out_error_vs_rtn"], rel=1e-3)
