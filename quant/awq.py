@@ -63,25 +63,26 @@ def act_noise(stats: LayerInputs, scale: torch.Tensor, stored: torch.Tensor, act
 
 
 def scaled_error(w: torch.Tensor, stats: LayerInputs, qt: QType, act: QType | None, scale: torch.Tensor,
-                 split: str = "fit") -> float:
+                 split: str = "fit", dtype: torch.dtype = torch.float64) -> float:
     """Output error (weight rounding + modelled activation rounding) of round-to-nearest on
-    ``W·diag(s)`` with inputs ``x/s``, over the ``split`` statistics."""
+    ``W·diag(s)`` with inputs ``x/s``, over the ``split`` statistics (the ``out·K²`` product in
+    ``dtype``, the layer's solve dtype; summed in float64)."""
     w2 = w.detach().float().reshape(w.shape[0], -1)
     sk = expand(scale, w2.shape[1])
     stored = dequantize_weight(quantize_weight(w2 * sk, qt), qt, w2.shape, torch.float32)
-    d = (stored / sk - w2).double()
-    h = (stats.h_fit if split == "fit" else stats.h_hold).double()
-    return float(((d @ h) * d).sum()) + act_noise(stats, scale, stored, act, split)
+    d = (stored / sk - w2).to(dtype)
+    h = (stats.h_fit if split == "fit" else stats.h_hold).to(dtype)
+    return float(((d @ h) * d).double().sum()) + act_noise(stats, scale, stored, act, split)
 
 
 def search_scales(w: torch.Tensor, stats: LayerInputs, qt: QType, act: QType | None,
-                  alphas=ALPHAS) -> tuple[torch.Tensor, float, dict]:
+                  alphas=ALPHAS, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, float, dict]:
     """AWQ's grid search: ``(scale [C], alpha, {alpha: fit error})``; ``α = 0`` (no scaling) is always
     a candidate, so the chosen scales never model worse than none on the fit statistics."""
     errors, best = {}, None
     for alpha in sorted({0.0, *alphas}):
         s = channel_scales(stats.absmean, alpha)
-        err = scaled_error(w, stats, qt, act, s)
+        err = scaled_error(w, stats, qt, act, s, dtype=dtype)
         errors[alpha] = err
         if best is None or err < best[1]:
             best = (s, err, alpha)

@@ -157,9 +157,10 @@ def solve_layer(name: str, w: torch.Tensor, stats: LayerInputs | None, weight_ty
     err_rtn = output_error(w2, _dequant(rtn_storage, qt, w2.shape), h_hold, dtype)
     scale = None
     if cfg.awq:
-        s, alpha, _ = search_scales(w2, stats, qt, act_qt)
+        s, alpha, _ = search_scales(w2, stats, qt, act_qt, dtype=dtype)
         ones = torch.ones_like(s)
-        if alpha > 0 and scaled_error(w2, stats, qt, act_qt, s, "hold") < scaled_error(w2, stats, qt, act_qt, ones, "hold"):
+        if alpha > 0 and (scaled_error(w2, stats, qt, act_qt, s, "hold", dtype)
+                          < scaled_error(w2, stats, qt, act_qt, ones, "hold", dtype)):
             scale = s
             calib["awq_alpha"] = alpha
         else:
@@ -167,7 +168,7 @@ def solve_layer(name: str, w: torch.Tensor, stats: LayerInputs | None, weight_ty
     sk = None if scale is None else expand(scale, w2.shape[1]).double()
     ws = w2 if sk is None else (w2.double() * sk).float()
     # the scaled H is its own matrix; else the caller's factors (or a new set) serve every order
-    hs_fit = stats.h_fit if sk is None else stats.h_fit.double() / sk[:, None] / sk[None, :]
+    hs_fit = stats.h_fit if sk is None else stats.h_fit.to(dtype) / sk.to(dtype)[:, None] / sk.to(dtype)[None, :]
     shared = factors if sk is None and factors is not None else HessianFactors(hs_fit, cfg.damp, dtype)
 
     def effective(storage):

@@ -454,3 +454,26 @@ def test_layers_solved_in_float32_match_float64_and_narrow_layers_are_untouched(
     for r, err in cand.rank_errors.items():
         eff = _effective(sol, tuple(m.weight.shape)) + cand.a[:, :r].double() @ cand.b[:r].double()
         assert err == pytest.approx(output_error(_flat(m.weight), eff, stats["mid"].h_hold), rel=1e-4)
+
+
+def test_awq_scales_a_layer_whose_input_channels_differ_a_lot_in_either_precision():
+    """Inputs whose channel magnitudes span 300× (the toy net's barely differ, so AWQ keeps s = 1 there):
+    AWQ picks power-of-two scales that lower the held-out error, and its search (the out·K² products
+    in the layer's solve dtype) lands on the same α and error in float32 as in float64."""
+    g = torch.Generator().manual_seed(0)
+    k = 256
+    mag = torch.logspace(-1, 1.5, k)[torch.randperm(k, generator=g)]
+    stats = LayerInputs.from_rows(torch.randn(2000, k, generator=g) * mag, torch.randn(1000, k, generator=g) * mag)
+    got = {}
+    for f32 in (None, 0):
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Linear(k, 64))
+        nn.init.normal_(net[0].weight, std=0.05)
+        cfg = CalibratedConfig(rounding="rtn", awq=True, float32_from=f32)
+        got[f32] = (quantize_calibrated(net, "W4A16", {"0": LayerInputs(**vars(stats))}, cfg)["layers"]["0"],
+                    quantized_layers(net)["0"].input_scale.float())
+    (c64, s64), (c32, s32) = got[None], got[0]
+    assert c64["awq_alpha"] > 0 and c64["held_out_error_vs_rtn"] < 0.9
+    assert torch.equal(torch.exp2(torch.round(torch.log2(s64))), s64) and float(s64.max() / s64.min()) > 1
+    assert c32["awq_alpha"] == c64["awq_alpha"] and torch.equal(s32, s64)
+    assert c32["held_out_error_vs_rtn"] == pytest.approx(c64["held_out_error_vs_rtn"], abs=1e-3)
