@@ -276,7 +276,7 @@ class QuantizeModelCalibrated(io.ComfyNode):
             sensitivity = GuidedSketch(model, sample_base, baked, positive, negative, latent_image, seed, sigmas, cfg,
                                        collected["calls"]["fit"], early_steps_weight)
         with torch.no_grad():
-            solver.finish(sensitivity)
+            solved_report = solver.finish(sensitivity)
         del sample_base, sensitivity
         out = patching.new_model_patcher(model, base, drop_patches=baked_q)
         tuned = None
@@ -289,12 +289,19 @@ class QuantizeModelCalibrated(io.ComfyNode):
                  f"calibration: {collected['n_fit']} + {collected['n_hold']} held-out samples, input statistics "
                  f"{collected['seconds']:.1f} s in {collected['passes']} sampling pass(es), at most "
                  f"{collected['peak_stats_bytes'] / 2**20:.1f} MiB of them held at once",
+                 _solve_line(len(solved_report["layers"]), mixed, config.budget is not None, solved_report["seconds"]),
                  f"model size {out.model_size() / 2**20:.1f} MiB (input {model.model_size() / 2**20:.1f} MiB)"]
         if tuned is not None:
             lines.append(f"grid tuning: {tuned['iterations']} iterations in {tuned['seconds']:.1f} s, held-out loss "
                          f"{tuned['hold_loss_before']:.4g} → {tuned['hold_loss_after']:.4g}"
                          + ("" if tuned["kept"] else f" — not kept ({tuned.get('note', '')})"))
         return io.NodeOutput(out, ui=ui.PreviewText("\n".join(lines)))
+
+
+def _solve_line(layers: int, probe: bool, budget: bool, seconds: float) -> str:
+    """The report's line on the solver's share of the time (the statistics have their own line)."""
+    what = [f"solving {layers} layers"] + (["the sensitivity probe"] if probe else []) + (["the byte budget"] if budget else [])
+    return f"{', '.join(what[:-1]) + ' and ' + what[-1] if len(what) > 1 else what[0]}: {seconds:.1f} s"
 
 
 NODES = [QuantizeModelCalibrated]

@@ -146,12 +146,14 @@ def solve_layer(name: str, w: torch.Tensor, stats: LayerInputs | None, weight_ty
         raise QuantizationError(f"layer {name!r}: statistics for K={stats.k}, the weight has K={w2.shape[1]}")
     calib: dict = {}
     act_qt = None if act is None else qtype(act)
+    dtype = solve_dtype(stats.k, cfg.float32_from) if factors is None else factors.dtype
+    if dtype == torch.float32:  # recorded only where it applies, so float64 layers' entries stay as before
+        calib["solve_dtype"] = "float32"
     ratio = outlier_ratio(stats)
     act_16bit = False
     if cfg.outlier_ratio is not None and act_qt is not None and ratio >= cfg.outlier_ratio:
         act_16bit, act_qt = True, None
         calib["outliers"] = f"channel |x| max/median {ratio:.3g}× ≥ {cfg.outlier_ratio:g}× → activations kept 16-bit"
-    dtype = solve_dtype(stats.k, cfg.float32_from) if factors is None else factors.dtype
     h_hold = stats.h_hold  # float32: output_error converts it per call, so no K×K float64 copy is
     # held while GPTQ factorizes (the same values as converting once)
     err_rtn = output_error(w2, _dequant(rtn_storage, qt, w2.shape), h_hold, dtype)
@@ -379,4 +381,7 @@ def calibrated_summary(module: nn.Module) -> str:
     out = sum(1 for c in calib if "outliers" in c)
     if out:
         parts.append(f"{out} with 16-bit activations (outliers)")
+    f32 = sum(1 for c in calib if c.get("solve_dtype") == "float32")
+    if f32:
+        parts.append(f"{f32} solved in float32 (the widest)")
     return ", ".join(parts)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -259,6 +261,8 @@ def test_calibrated_quantize_model_rounds_with_error_compensation(comfy, fp):
         False, 0.0))
     (rtn,), _ = node_output(QuantizeModel.execute(fp, "W4A16"))
     assert "GPTQ" in text and "held-out" in text
+    solve = re.search(r"solving (\d+) layers: [\d.]+ s", text)  # no budget, no probe: the solve alone
+    assert solve and solve.group(1) == re.search(r"(\d+) layers: \d+ GPTQ", text).group(1), text
     assert all(torch.equal(before[k], v) for k, v in _weights(fp).items())
     dm_c, dm_r = cal.get_model_object("diffusion_model"), rtn.get_model_object("diffusion_model")
     lin_c = {n: m for n, m in dm_c.named_modules() if isinstance(m, QuantLinear)}
@@ -473,6 +477,8 @@ def test_mixed_precision_lowers_some_layers_to_3_bits_within_the_budget(comfy, f
     types = {m.wqtype.name for m in layers.values()}
     assert "uint3_g64" in types and "int8" in types, types
     assert "lowered to 3 bits by the budget" in text and "lowered to 3 bits" not in text_plain
+    assert re.search(r"solving \d+ layers, the sensitivity probe and the byte budget: [\d.]+ s", text), text
+    assert re.search(r"solving \d+ layers and the byte budget: [\d.]+ s", text_plain), text_plain
     from qcorrect.quant.budget import fp16_bytes
 
     qdm = mixed.get_model_object("diffusion_model")

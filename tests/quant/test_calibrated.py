@@ -438,6 +438,10 @@ def test_layers_solved_in_float32_match_float64_and_narrow_layers_are_untouched(
     rep64 = quantize_calibrated(f64, "W4A8", stats, CalibratedConfig(float32_from=None, **mixed))
     rep32 = quantize_calibrated(f32, "W4A8", stats, CalibratedConfig(float32_from=0, **mixed))
     assert rep32["config"]["float32_from"] == 0
+    assert all(c["solve_dtype"] == "float32" for c in rep32["layers"].values() if "held_out_error_vs_rtn" in c)
+    assert not any("solve_dtype" in c for c in rep64["layers"].values())
+    n = sum(1 for c in rep32["layers"].values() if "held_out_error_vs_rtn" in c)
+    assert f"{n} solved in float32" in rep32["summary"] and "float32" not in rep64["summary"]
     for name, c64 in rep64["layers"].items():
         assert rep32["layers"][name]["held_out_error_vs_rtn"] == pytest.approx(c64["held_out_error_vs_rtn"], abs=2e-3), name
     with torch.no_grad():
