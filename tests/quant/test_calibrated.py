@@ -166,15 +166,14 @@ def test_activation_outliers_keep_that_layer_16_bit(setting):
     assert "outliers" not in rep16["layers"]["b"]
 
 
-def test_awq_scales_are_powers_of_two_and_never_worse_on_held_out(setting):
+def test_awq_is_never_worse_on_held_out_and_stores_no_scale_it_did_not_choose(setting):
+    """The toy net's input channels are too alike for power-of-two scales to help, so AWQ keeps s = 1
+    everywhere here (a layer where it does scale: the test after the float32 ones)."""
     net, stats, test = setting
     cal = Net()
     rep = quantize_calibrated(cal, "W4A16", stats, CalibratedConfig(rounding="rtn", awq=True))
-    scaled = {n: m for n, m in quantized_layers(cal).items() if m.has_input_scale}
-    for n, m in scaled.items():
-        s = m.input_scale.float()
-        assert torch.equal(torch.exp2(torch.round(torch.log2(s))), s)
-        assert rep["layers"][n]["awq_alpha"] > 0
+    for n, m in quantized_layers(cal).items():
+        assert m.has_input_scale == (rep["layers"][n]["awq_alpha"] > 0), n
     assert all(c["held_out_error_vs_rtn"] <= 1.0 for c in rep["layers"].values())
 
 
