@@ -76,6 +76,11 @@ def parse_presets(text: str) -> list[str]:
     return presets
 
 
+def parse_float32_from(text: str) -> int | None:
+    """``--float32-from``: a layer width ``K`` (``CalibratedConfig.float32_from``) or ``none`` (all float64)."""
+    return None if str(text).strip().lower() == "none" else int(text)
+
+
 def quant_plan(name: str, weights: str | None = None, **overrides):
     """Preset ``name`` with its weight type replaced by ``weights`` (e.g. ``uint4``: per-channel int4)."""
     from ..quant import PRESETS, QuantizationError, preset

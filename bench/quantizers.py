@@ -70,7 +70,7 @@ from ..quant.tune import DRAWS, TuneConfig, tune_grid
 from ..reference.model import load_reference
 from ..reference.samplers import SAMPLERS
 from ..reference.schedules import get_sigmas
-from .common import emit_json, parse_presets, print_table, resident_bytes, set_threads
+from .common import emit_json, parse_float32_from, parse_presets, print_table, resident_bytes, set_threads
 from .correct import check_disjoint, expand_methods
 from .pipeline import (
     PerSampleNoise, RunConfig, decode, initial_noise, labels_for, parse_int_list, per_sample_metrics,
@@ -949,7 +949,7 @@ def main(args) -> int:
                               lowpass=args.tune_lowpass_k, seed=args.tune_seed,
                               early_sigma=args.tune_early_sigma),
               jacobian=(args.tune_jacobian, args.adjoints),
-              float32_from=None if str(args.float32_from).lower() == "none" else int(args.float32_from))
+              float32_from=args.float32_from)
     print_result(res)
     if args.json:
         emit_json(res)
@@ -983,7 +983,7 @@ def add_parser(sub) -> None:
     p.add_argument("--damp", type=float, default=None,
                    help="GPTQ damping, × the mean diagonal of the input second moments, for every calibrated method "
                         "(default: each method's, 0.01)")
-    p.add_argument("--float32-from", default=str(FLOAT32_FROM), metavar="K",
+    p.add_argument("--float32-from", type=parse_float32_from, default=FLOAT32_FROM, metavar="K",
                    help=f"calibrated methods solve layers with at least K inputs in float32 (default {FLOAT32_FROM}, "
                         "which leaves every reference-model layer in float64; 0: all float32; none: all float64)")
     p.add_argument("--calib-sets", type=int, default=1,

@@ -8,8 +8,8 @@ of ``H`` (``gptq.HessianFactors``). The cost grows as ``K³`` (the factorization
 layers of at least ``--float32-from`` inputs are solved in float32, narrower ones in float64
 (``gptq.FLOAT32_FROM`` by default, ``none``: all float64, to measure what float32 saves). Each row
 also reports the solution's held-out output error relative to round-to-nearest's, so two runs that
-differ only in precision show what it costs in quality on the same statistics. This benchmark times the real solver on one Linear layer of each given shape
-(random weights, synthetic correlated statistics; neither time nor memory depends on the values),
+differ only in precision show what it costs in quality on the same statistics. This benchmark
+times the real solver on one Linear layer of each given shape (random weights, synthetic correlated statistics; neither time nor memory depends on the values),
 reports the peak memory the solve added (``VmHWM`` on Linux, as ``bench tuning``), and fits
 ``t = a·K³ + b·out·K²`` to the rows of each dtype to estimate the SD1.5-shaped UNet's W4 layers'
 total (each layer by the fit of the dtype it is solved in), a rough extrapolation that says so.
@@ -18,18 +18,17 @@ total (each layer by the fit of the dtype it is solved in), a rough extrapolatio
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from ..quant import PRESETS, resolve_plan
-from dataclasses import replace
-
 from ..quant.calibrated import ACT_ORDERS, CalibratedConfig, CalibratedSolver
 from ..quant.gptq import FLOAT32_FROM, solve_dtype
 from ..quant.layerinputs import LayerInputs
 from ..quant.weights import input_size
-from .common import emit_json, print_table, set_threads
+from .common import emit_json, parse_float32_from, print_table, set_threads
 from .sd_unet import SDUNet
 from .tuning import PeakMemory
 
@@ -78,9 +77,14 @@ def solve_one(out: int, k: int, config: CalibratedConfig = MIXED, seed: int = 0,
     sol = solver.solutions["0"]
     return {"out": out, "k": k, "device": str(device), "seconds": round(seconds, 2), "peak_bytes": mem.peak(),
             "k2_float64_bytes": 8 * k * k, "rounding": sol.calib.get("rounding"),
-            "dtype": str(solve_dtype(k, config.float32_from)).removeprefix("torch."),
+            "dtype": _dtype_name(k, config.float32_from),
             "held_out_error_vs_rtn": sol.err_hold / sol.err_rtn_hold if sol.err_rtn_hold > 0 else None,
             "candidates": sol.candidates is not None}
+
+
+def _dtype_name(k: int, float32_from: int | None) -> str:
+    """``"float32"`` or ``"float64"``: what a layer with ``k`` inputs is solved in (``gptq.solve_dtype``)."""
+    return str(solve_dtype(k, float32_from)).removeprefix("torch.")
 
 
 def fit_cost(rows: list[dict]) -> tuple[float, float] | None:
@@ -129,13 +133,14 @@ def sd15_estimate(fits, float32_from: int | None = FLOAT32_FROM) -> dict:
     decisions = resolve_plan(model, PRESETS["W4A8"])
     shapes = [(m.weight.shape[0], input_size(tuple(m.weight.shape))) for n, m in model.named_modules()
               if decisions.get(n, {}).get("weight")]
+
     def cost(o, k):
-        a, b = fits[str(solve_dtype(k, float32_from)).removeprefix("torch.")]
+        a, b = fits[_dtype_name(k, float32_from)]
         return a * k**3 + b * o * k * k
 
     widest = max(shapes, key=lambda s: s[1])
     return {"layers": len(shapes), "seconds": sum(cost(o, k) for o, k in shapes),
-            "float32_layers": sum(1 for _, k in shapes if solve_dtype(k, float32_from) == torch.float32),
+            "float32_layers": sum(1 for _, k in shapes if _dtype_name(k, float32_from) == "float32"),
             "widest": {"out": widest[0], "k": widest[1]}, "widest_seconds": cost(*widest)}
 
 
@@ -153,7 +158,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def main(args) -> int:
     threads = set_threads(args.threads, default=True)
-    f32 = None if str(args.float32_from).lower() == "none" else int(args.float32_from)
+    f32 = args.float32_from
     config = replace(MIXED, float32_from=f32, act_order=args.act_order)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -194,7 +199,7 @@ def add_parser(sub) -> None:
                    help="where the statistics live and so where the solver solves: cpu (what the node does today) or cuda")
     p.add_argument("--act-order", default=MIXED.act_order, choices=ACT_ORDERS,
                    help=f"GPTQ column order(s) solved at the layer's own type (default {MIXED.act_order}, the node's)")
-    p.add_argument("--float32-from", default=str(FLOAT32_FROM),
+    p.add_argument("--float32-from", type=parse_float32_from, default=FLOAT32_FROM,
                    help=f"solve layers with at least this many inputs in float32 (default {FLOAT32_FROM}; none: all float64)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")

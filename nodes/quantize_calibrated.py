@@ -301,7 +301,8 @@ class QuantizeModelCalibrated(io.ComfyNode):
 def _solve_line(layers: int, probe: bool, budget: bool, seconds: float) -> str:
     """The report's line on the solver's share of the time (the statistics have their own line)."""
     what = [f"solving {layers} layers"] + (["the sensitivity probe"] if probe else []) + (["the byte budget"] if budget else [])
-    return f"{', '.join(what[:-1]) + ' and ' + what[-1] if len(what) > 1 else what[0]}: {seconds:.1f} s"
+    head = what[0] if len(what) == 1 else ", ".join(what[:-1]) + " and " + what[-1]
+    return f"{head}: {seconds:.1f} s"
 
 
 NODES = [QuantizeModelCalibrated]
