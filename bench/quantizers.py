@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from ..calibration.inputs import (
-    DEFAULT_ROWS_PER_K, SketchProbe, add_gram, calibration_layers, collect_inputs, early_weight, gram_macs,
+    DEFAULT_ROWS_PER_K, TRI_BLOCK, SketchProbe, add_gram, calibration_layers, collect_inputs, early_weight, gram_macs,
     input_rows, layer_groups, layer_probe, probe_calls, row_cap, stats_bytes,
 )
 from ..evaluation import latent_mse, paired_bootstrap_ci
@@ -216,7 +216,7 @@ def sd15_stats_memory(max_bytes: int = SD15_STATS_MAX_BYTES) -> dict:
             "peak_bytes": max(sum(sizes[n] for n in g) for g in groups),
             "solver_bytes": solver_bytes(model, PRESETS["W4A8"]),
             "accumulation": [sd15_stats_macs(model, layers, samples) for samples in SD15_STATS_SAMPLES],
-            "addmm_gflops": addmm_gflops()}
+            "addmm_gflops": addmm_gflops(), "host_add_rate": host_add_rate()}
 
 
 def solver_bytes(model: nn.Module, plan, max_rank: int = 32) -> int:
@@ -254,6 +254,22 @@ def addmm_gflops(rows: int = 4096, k: int = 2048, repeats: int = 3) -> float:
     return 2 * gram_macs(k, rows) / best / 1e9
 
 
+def host_add_rate(k: int = 4608, rows: int = 8, repeats: int = 3) -> float:
+    """This CPU's rate (values per second) of adding products made on another device into the host sums,
+    ``calibration.inputs.add_gram_from``'s share on the CPU when a GPU samples (here the products are made
+    on the CPU too, and only the additions are timed; at this K the sums do not fit in a cache, as on
+    SD1.5), with the threads torch uses now, best of ``repeats``: what turns ``host_adds`` into time."""
+    x, h = torch.randn(rows, k), torch.zeros(k, k)
+    blocks = [(i, x[:, i : i + TRI_BLOCK].T @ x[:, i:]) for i in range(0, k, TRI_BLOCK)]
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i, b in blocks:
+            h[i : i + TRI_BLOCK, i:] += b
+        best = min(best, time.perf_counter() - t)
+    return gram_macs(k, 1) / best
+
+
 #: calibration sets whose ``x xᵀ`` cost :func:`sd15_stats_macs` counts: Quantize Model (Calibrated)'s
 #: default (4 batches of one latent) and the reference benchmarks' 64 samples
 SD15_STATS_SAMPLES = (4, 64)
@@ -282,7 +298,9 @@ def sd15_stats_macs(model: nn.Module, layers: dict, samples: int, latent: int = 
     calls = samples * steps
     macs = sum(calls * gram_macs(input_size(m.weight.shape), min(rows[n], row_cap(m, rows_per_k, calls)))
                for n, m in layers.items())
-    return {"samples": samples, "latent": latent, "steps": steps, "macs": macs}
+    # with the products made on a GPU (add_gram_from), the CPU adds each call's products into the sums
+    host_adds = sum(calls * gram_macs(input_size(m.weight.shape), 1) for m in layers.values())
+    return {"samples": samples, "latent": latent, "steps": steps, "macs": macs, "host_adds": host_adds}
 
 
 #: the steps whose one-step model error ``early_error`` measures (σ ≥ this: the first 7 of 20)
@@ -850,8 +868,13 @@ def print_result(res: dict) -> None:
         for a in m.get("accumulation", []):
             hours = f", about {2 * a['macs'] / (m['addmm_gflops'] * 1e9) / 3600:.1f} h" if m.get("addmm_gflops") else ""
             print(f"  accumulating them for {a['samples']} latents of {a['latent'] * 8}x{a['latent'] * 8} px, {a['steps']} "
-                  f"steps with CFG: {a['macs']:.3g} multiply-adds on the CPU, where the sums live{hours} at this "
+                  f"steps with CFG: {a['macs']:.3g} multiply-adds; on a CPU that samples{hours} at this "
                   f"CPU's {m.get('addmm_gflops', 0):.0f} GFLOP/s float32 addmm with {torch.get_num_threads()} thread(s)")
+            if m.get("host_add_rate") and "host_adds" in a:
+                print(f"    with the model sampling on a GPU the products are made there and the CPU adds "
+                      f"{a['host_adds']:.3g} values into the sums: about {a['host_adds'] / m['host_add_rate'] / 60:.1f} min "
+                      f"at this CPU's {m['host_add_rate'] / 1e9:.2f} G additions/s (plus the GPU's products and the "
+                      "transfers, not measured here)")
     if res.get("set_comparisons"):
         print("\nthe same method calibrated on another calibration set, per sample against set 1:")
         print_table(["preset", "sampler", "cfg", "A vs B", "mean MSE A/B", "median ratio", "worst ratio", "> 2x", "worse %"],

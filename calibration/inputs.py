@@ -31,6 +31,11 @@ inputs unfolded to ``in·kh·kw`` columns, as GPTQ treats convs), plus per-chann
   (:func:`add_gram`, about ``rows·K²/2`` multiply-adds instead of ``rows·K²``) and the lower blocks are
   mirrored once at the end (:func:`mirror_upper`); each stored value is the same dot product as the full
   ``addmm``'s.
+* **Where the products are made**: the sums live in host RAM, but when the model samples on a GPU
+  each call's ``x xᵀ`` is multiplied there, block row by block row, and only the products are added
+  into the sums (:func:`add_gram_from`; ``products="inputs"``, the default). The CPU's share is then
+  about ``K²/2`` additions per call and layer instead of ``rows·K²/2`` multiply-adds, and the GPU needs
+  one ``TRI_BLOCK × K`` block beyond the model, so a small GPU can do it too.
 
 Hooks are installed on the given layers only, inside a scope, and removed on exit (also on error).
 A non-finite input raises :class:`CalibrationError` naming the layer and σ: a model that produces
@@ -57,6 +62,8 @@ from .errors import CalibrationError
 DEFAULT_ROWS_PER_K = 32
 #: columns per block row of the triangular ``x xᵀ`` update; layers with ``K ≥ 2·TRI_BLOCK`` use it
 TRI_BLOCK = 512
+#: where ``collect_inputs`` multiplies each call's ``x xᵀ`` (``products``)
+PRODUCTS = ("inputs", "host")
 
 
 def _tri_blocks(k: int) -> list[int] | None:
@@ -66,13 +73,48 @@ def _tri_blocks(k: int) -> list[int] | None:
 
 def add_gram(h: torch.Tensor, rows: torch.Tensor, alpha: float = 1.0) -> None:
     """``h += alpha·rowsᵀ rows`` — for ``K ≥ 2·TRI_BLOCK`` only on the block rows' diagonal block and the
-    blocks right of it, about half the multiply-adds; :func:`mirror_upper` then fills the rest."""
+    blocks right of it, about half the multiply-adds; :func:`mirror_upper` then fills the rest.
+    ``rows`` on another device than ``h`` (a GPU's inputs, the sums in host RAM): :func:`add_gram_from`."""
+    if rows.device != h.device:
+        add_gram_from(h, rows, alpha)
+        return
     starts = _tri_blocks(h.shape[0])
     if starts is None:
         h.addmm_(rows.T, rows, alpha=alpha)
         return
     for i in starts:
         h[i : i + TRI_BLOCK, i:].addmm_(rows[:, i : i + TRI_BLOCK].T, rows[:, i:], alpha=alpha)
+
+
+def reduced_float32(device: torch.device) -> bool:
+    """Whether float32 products on ``device`` would run at reduced precision (TF32 on a CUDA device, a
+    process-wide setting of torch or of another node pack)."""
+    if device.type != "cuda":
+        return False
+    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+
+
+def add_gram_from(h: torch.Tensor, rows: torch.Tensor, alpha: float = 1.0) -> None:
+    """``h += alpha·rowsᵀ rows`` with the products made on ``rows``' device and only the results moved to
+    ``h``'s: the same block rows as :func:`add_gram` (one ``TRI_BLOCK × K`` block, or the whole ``K × K``
+    for a narrow layer, on that device at a time), each added into ``h``.
+
+    This is how a GPU that samples the model computes the statistics: the sums stay in host RAM (their
+    size is the memory bound of ``collect_inputs``, and a small GPU never holds them), while the
+    ``rows·K²`` multiply-adds, which on the CPU are most of the statistics' time, run on the GPU; the
+    CPU only adds about ``K²/2`` values per call and layer. The products are float32, as on the CPU;
+    where the device would make float32 products in TF32 (:func:`reduced_float32`; 10-bit mantissas,
+    errors of about 1e-3 in ``H``, which GPTQ's authors also turn off) they are made in float64 instead
+    rather than changing that process-wide setting."""
+    k = h.shape[0]
+    r = rows.double() if reduced_float32(rows.device) else rows
+    starts = _tri_blocks(k)
+    width = k if starts is None else TRI_BLOCK
+    for i in starts or [0]:
+        block = r[:, i : i + width].T @ r[:, i:]
+        if alpha != 1.0:
+            block.mul_(alpha)
+        h[i : i + width, i:] += block.to(device=h.device, dtype=h.dtype)
 
 
 def mirror_upper(h: torch.Tensor) -> torch.Tensor:
@@ -115,6 +157,7 @@ class _Accumulator:
         self.wcalls = {n: 0.0 for n in layers}
         self.guidance: float | None = None
         self.batch = 0  # the micro-batch of the current model call (its samples)
+        self.products = "inputs"  # where the x xᵀ products are made: the inputs' device, or "host"
 
     def finish(self) -> dict[str, LayerInputs]:
         """Complete the triangular sums and turn the channel sums into means (over samples and calls,
@@ -147,7 +190,9 @@ class _Accumulator:
 
     def observe(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         s = self.stats[name]
-        x = x.detach().float().cpu()
+        x = x.detach().float()
+        if self.products == "host":
+            x = x.cpu()
         per_sample = x.reshape(x.shape[0], -1, x.shape[-1]) if s.kind == "linear" else x.flatten(2).transpose(1, 2)
         # per-channel ranges per sample (dim 0 = sample, as the dynamic activation quantizer sees it); they
         # are also the finiteness check: amax/amin propagate NaN and reach ±inf, so a non-finite input
@@ -156,10 +201,10 @@ class _Accumulator:
         if not bool(torch.isfinite(hi).all() and torch.isfinite(lo).all()):
             raise CalibrationError(f"layer {name!r}: its input has NaN/inf at σ={self.sigma:.4g}; the full-precision "
                                    "model cannot be calibrated on these inputs")
-        s.hi += self.weight * hi.sum(0)
-        s.lo += self.weight * lo.sum(0)
-        s.absmax = torch.maximum(s.absmax, per_sample.abs().amax(dim=(0, 1)))
-        s.absmean += self.weight * per_sample.abs().mean(dim=1).sum(0)
+        s.hi += self.weight * hi.sum(0).cpu()
+        s.lo += self.weight * lo.sum(0).cpu()
+        s.absmax = torch.maximum(s.absmax, per_sample.abs().amax(dim=(0, 1)).cpu())
+        s.absmean += self.weight * per_sample.abs().mean(dim=1).sum(0).cpu()
         s.calls += x.shape[0]
         self.wcalls[name] += self.weight * x.shape[0]
         h = s.h_fit if self.split == "fit" else s.h_hold
@@ -196,7 +241,7 @@ class _Accumulator:
             step = max(1, self.chunk_elems // max(1, s.k))
             for i in range(0, flat.shape[0], step):
                 rows = flat[i : i + step]
-                yield rows if cap is None else rows[self._draw(rows.shape[0], cap, n_rows)]
+                yield rows if cap is None else rows[self._draw(rows.shape[0], cap, n_rows).to(rows.device)]
             return
         per = s.k * (x.shape[-1] * x.shape[-2])  # an upper bound on one sample's unfolded size
         step = max(1, self.chunk_elems // max(1, per))
@@ -258,9 +303,10 @@ def _patches(xp: torch.Tensor, module: nn.Module, idx: torch.Tensor) -> torch.Te
     row, then kernel column), gathered without unfolding the rest: the same values, copied."""
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     oh, ow = _out_hw(module, xp.shape[-2], xp.shape[-1])
+    idx = idx.to(xp.device)
     sample, pos = idx // (oh * ow), idx % (oh * ow)
-    hi = (pos // ow * sh).unsqueeze(1) + dh * torch.arange(kh)  # [n, kh]
-    wi = (pos % ow * sw).unsqueeze(1) + dw * torch.arange(kw)  # [n, kw]
+    hi = (pos // ow * sh).unsqueeze(1) + dh * torch.arange(kh, device=xp.device)  # [n, kh]
+    wi = (pos % ow * sw).unsqueeze(1) + dw * torch.arange(kw, device=xp.device)  # [n, kw]
     g = xp[sample.view(-1, 1, 1), :, hi.unsqueeze(2), wi.unsqueeze(1)]  # [n, kh, kw, C]
     return g.permute(0, 3, 1, 2).reshape(idx.numel(), -1)
 
@@ -318,7 +364,7 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
                    max_bytes: int | None = None, max_rows: int | None = None, rows_per_k: float | None = None,
                    chunk_elems: int = 1 << 24, guidance: float | None = None, record_calls: bool = False,
                    adjoints: int = 0, seed: int = 0, progress: Callable[[int, int], None] | None = None,
-                   consume: Callable[[dict[str, LayerInputs]], None] | None = None) -> dict:
+                   consume: Callable[[dict[str, LayerInputs]], None] | None = None, products: str = "inputs") -> dict:
     """Sample ``denoiser`` (FP, the denoiser protocol) from ``x_init`` ``[N, C, H, W]`` over ``sigmas``
     with ``sample_fn`` and return ``{"layers": {name: LayerInputs}, "seconds", "passes", "peak_stats_bytes",
     "n_fit", "n_hold"}``.
@@ -329,6 +375,10 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
     ``progress(done, total)`` is called after each micro-batch of each pass.
     ``consume(group)``: called with each group's statistics (``{name: LayerInputs}``) when its pass ends,
     which are then dropped (``"layers"`` is empty): what bounds the memory by ``max_bytes`` ("Memory").
+    ``products``: where each call's ``x xᵀ`` is multiplied — ``"inputs"`` (default) on the device the
+    layer's inputs arrive on, a GPU's when the model samples there (:func:`add_gram_from`; the sums stay
+    in host RAM either way), or ``"host"``: every input copied to the CPU first, as before session 20.
+    On a CPU-only run the two are the same computation.
 
     ``record_calls``: also return ``"calls": {"fit": [...], "hold": [...]}``, every model call of the first
     pass as ``(x, sigma, extra, D_fp)`` (what ``quant.tune.tune_grid`` fits the grid to; the states
@@ -358,6 +408,8 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
         raise CalibrationError("holdout_every must be 0 (no held-out set) or at least 2")
     if not bool(torch.isfinite(x_init).all()):
         raise CalibrationError("the calibration latents contain NaN/inf")
+    if products not in PRODUCTS:
+        raise CalibrationError(f"products must be one of {PRODUCTS}, got {products!r}")
     chosen = calibration_layers(module, layers)
     if not chosen:
         raise CalibrationError("no Linear/Conv2d layer to collect inputs for")
@@ -381,6 +433,7 @@ def collect_inputs(denoiser, module: nn.Module, sample_fn, x_init: torch.Tensor,
         spans: list = []  # (split, sample indices, extra, index of its first recorded call) per batch
         acc = _Accumulator({g: chosen[g] for g in group}, caps, chunk_elems, seed)
         acc.guidance = None if guidance is None or float(guidance) == 1.0 else float(guidance)
+        acc.products = products
 
         def model(x, sigma, **ex):
             s = float(sigma.reshape(-1)[0])

@@ -53,7 +53,9 @@ def collect_model_inputs(model, base, positive, negative, latent_image, seed, sa
     per-layer input statistics of ``base``'s diffusion model.
 
     The statistics live in host RAM, two float32 ``K×K`` sums per layer (52 GiB for all of SD1.5's
-    W4 layers): at most ``stats_memory_gb`` are collected at once, the layers being collected in as many
+    W4 layers); when the model samples on a GPU each call's ``x xᵀ`` is multiplied there and only the
+    products are added into them (``calibration.inputs.add_gram_from``; one ``512×K`` block of VRAM
+    beyond the model's, 47 MB at SD1.5's widest layer). At most ``stats_memory_gb`` are collected at once, the layers being collected in as many
     sampling passes of the calibration set as that takes (deterministic sampling: every pass sees the
     same trajectories, so the result does not depend on the bound, only the time). With ``consume``
     (:meth:`CalibratedSolver.add`) each group is solved and dropped when its pass ends, so that is

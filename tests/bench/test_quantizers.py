@@ -473,6 +473,8 @@ def test_sd15_statistics_cost_counts_each_layers_rows_times_k_squared_under_the_
     rows = 2 * 8 * 8  # latent 8x8: 64 positions (conv, stride 1, padded) and 64 tokens, two passes
     uncapped = sd15_stats_macs(model, layers, samples=3, latent=8, steps=5, rows_per_k=1e9)
     assert uncapped["macs"] == 15 * (rows * 36**2 + rows * 320**2)
+    # products made on a GPU: per call and layer the CPU adds one row's worth, K² (narrow), whatever the rows
+    assert uncapped["host_adds"] == 15 * (36**2 + 320**2)
     capped = sd15_stats_macs(model, layers, samples=3, latent=8, steps=5, rows_per_k=1)
     # cap per call: max(64, int(K/15 + 1)) = 64 rows for the conv (K = 36), 64 for the Linear (K = 320)
     assert capped["macs"] == 15 * (64 * 36**2 + 64 * 320**2)
@@ -481,6 +483,7 @@ def test_sd15_statistics_cost_counts_each_layers_rows_times_k_squared_under_the_
     wide = "output_blocks.0.0.in_layers.2"
     tri = sd15_stats_macs(model, {wide: model.get_submodule(wide)}, samples=3, latent=8, steps=5, rows_per_k=1e9)
     assert tri["macs"] == 15 * 2 * (23040**2 + 512 * 23040) // 2
+    assert tri["host_adds"] == 15 * (23040**2 + 512 * 23040) // 2
 
 
 def test_the_solver_bytes_reported_for_sd15_are_what_the_solver_keeps():

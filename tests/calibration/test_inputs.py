@@ -559,3 +559,84 @@ def test_a_wide_layers_triangular_statistics_match_a_manual_sum():
     got = res["layers"]["down"].h_fit
     assert torch.equal(got, got.T)
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [100, 1300])
+def test_products_made_where_the_rows_are_add_the_same_blocks_into_the_sums(k):
+    """add_gram_from (what a GPU's inputs use: the products on their device, the sums in host RAM) updates
+    the same blocks as add_gram — the whole K×K when narrow, the upper block rows when wide — so the
+    mirrored result is the same symmetric sum."""
+    from qcorrect.calibration.inputs import TRI_BLOCK, add_gram, add_gram_from, mirror_upper
+
+    g = torch.Generator().manual_seed(k)
+    ref, got = torch.zeros(k, k), torch.zeros(k, k)
+    for n, w in ((37, 1.0), (300, 4.0)):
+        x = torch.randn(n, k, generator=g)
+        add_gram(ref, x, w)
+        add_gram_from(got, x, w)
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-4)
+    if k >= 2 * TRI_BLOCK:  # only the upper block rows are filled until the mirror
+        assert torch.count_nonzero(got[TRI_BLOCK:, :TRI_BLOCK]) == 0
+    mirror_upper(got), mirror_upper(ref)
+    assert torch.equal(got, got.T) and torch.allclose(got, ref, rtol=1e-6, atol=1e-4)
+
+
+class ConvThenWide(nn.Module):
+    """A capped conv (64 positions per sample) and a Linear with K = 1100 (triangular update)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.up = nn.Linear(4, 1100)
+        self.down = nn.Linear(1100, 2)
+
+    def forward(self, x):
+        t = torch.tanh(self.conv(x)).permute(0, 2, 3, 1)
+        return 0.1 * self.down(torch.tanh(self.up(t))).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def test_statistics_of_inputs_on_the_sampling_device_are_host_sums_equal_to_copying_the_inputs(device):
+    """products="inputs" (default) multiplies on the device the model samples on and keeps the sums in
+    host RAM; the same rows (drawn by the CPU generator) and the same sums as copying every input to the
+    host first — bit for bit on the CPU, to float32 rounding on a GPU."""
+    net = ConvThenWide().to(device)
+    x0 = (5.0 * torch.randn(6, 2, 8, 8, generator=torch.Generator().manual_seed(4))).to(device)
+    runs = {p: collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS.to(device), batch_size=2, rows_per_k=2,
+                              products=p)["layers"] for p in ("inputs", "host")}
+    for name in ("conv", "up", "down"):
+        a, b = runs["inputs"][name], runs["host"][name]
+        assert a.h_fit.device.type == "cpu" and a.absmax.device.type == "cpu"
+        assert (a.rows_fit, a.rows_hold) == (b.rows_fit, b.rows_hold) and a.rows_fit > 0
+        for t in ("h_fit", "h_hold", "absmax", "absmean", "hi", "lo"):
+            if device.type == "cpu":
+                assert torch.equal(getattr(a, t), getattr(b, t)), (name, t)
+            else:
+                assert torch.allclose(getattr(a, t), getattr(b, t), rtol=1e-5, atol=1e-4), (name, t)
+    # the conv was capped: fewer rows than its 64 positions × 3 calls × 5 fit samples
+    assert runs["inputs"]["conv"].rows_fit < 64 * 3 * 5
+    with pytest.raises(CalibrationError, match="products"):
+        collect_inputs(Denoiser(net), net, sample_euler, x0, SIGMAS.to(device), products="gpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_products_on_a_gpu_with_tf32_enabled_are_made_in_float64():
+    """A process-wide TF32 setting (another node pack's) would cost H about three digits: add_gram_from
+    notices it and multiplies in float64 instead, without changing the setting."""
+    from qcorrect.calibration.inputs import add_gram_from, mirror_upper, reduced_float32
+
+    x = torch.randn(4096, 1300, generator=torch.Generator().manual_seed(0)) * torch.logspace(0, 2, 1300)
+    want = (x.double().T @ x.double())
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert reduced_float32(torch.device("cuda"))
+        h = torch.zeros(1300, 1300)
+        add_gram_from(h, x.cuda())
+        assert torch.backends.cuda.matmul.allow_tf32  # left as it was
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    mirror_upper(h)
+    assert torch.allclose(h.double(), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))  # TF32: ~1e-3
+    assert not reduced_float32(torch.device("cpu"))
