@@ -10,7 +10,10 @@ layers of at least ``--float32-from`` inputs are solved in float32, narrower one
 also reports the solution's held-out output error relative to round-to-nearest's, so two runs that
 differ only in precision show what it costs in quality on the same statistics. This benchmark
 times the real solver on one Linear layer of each given shape (random weights, synthetic correlated statistics; neither time nor memory depends on the values),
-reports the peak memory the solve added (``VmHWM`` on Linux, as ``bench tuning``), and fits
+reports the peak memory the solve added (``VmHWM`` on Linux, as ``bench tuning``) next to what
+``CalibratedSolver(solve_device=…)`` expects it to take (``calibrated.solve_bytes`` less the statistics,
+which are already on the device here; the node uses that estimate to decide whether a layer is solved
+on the GPU that samples), and fits
 ``t = a·K³ + b·out·K²`` to the rows of each dtype to estimate the SD1.5-shaped UNet's W4 layers'
 total (each layer by the fit of the dtype it is solved in), a rough extrapolation that says so.
 """
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from ..quant import PRESETS, resolve_plan
-from ..quant.calibrated import ACT_ORDERS, CalibratedConfig, CalibratedSolver
+from ..quant.calibrated import ACT_ORDERS, CalibratedConfig, CalibratedSolver, solve_bytes
 from ..quant.gptq import FLOAT32_FROM, solve_dtype
 from ..quant.layerinputs import LayerInputs
 from ..quant.weights import input_size
@@ -77,6 +80,8 @@ def solve_one(out: int, k: int, config: CalibratedConfig = MIXED, seed: int = 0,
     sol = solver.solutions["0"]
     return {"out": out, "k": k, "device": str(device), "seconds": round(seconds, 2), "peak_bytes": mem.peak(),
             "k2_float64_bytes": 8 * k * k, "rounding": sol.calib.get("rounding"),
+            # what CalibratedSolver(solve_device=…) expects the solve to take beyond the statistics
+            "estimate_bytes": solve_bytes(k, out, solve_dtype(k, config.float32_from)) - 8 * k * k,
             "dtype": _dtype_name(k, config.float32_from),
             "held_out_error_vs_rtn": sol.err_hold / sol.err_rtn_hold if sol.err_rtn_hold > 0 else None,
             "candidates": sol.candidates is not None}
@@ -169,9 +174,10 @@ def main(args) -> int:
            "config": f"W4A8, mixed default (GPTQ {orders}; int8, rank, kept, uint3)"}
     gib = 2**30
     print(f"one layer's calibrated solve ({res['config']}) on {device}, {threads} CPU thread(s):")
-    print_table(["out x K", "dtype", "seconds", "peak +GiB", "peak / (K x K float64)", "held-out err / RTN"],
+    print_table(["out x K", "dtype", "seconds", "peak +GiB", "solver's estimate +GiB", "peak / (K x K float64)",
+                 "held-out err / RTN"],
                 [[f"{r['out']}x{r['k']}", r["dtype"], r["seconds"],
-                  "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / gib:.2f}",
+                  "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / gib:.2f}", f"{r['estimate_bytes'] / gib:.2f}",
                   "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / r['k2_float64_bytes']:.1f}",
                   "-" if r["held_out_error_vs_rtn"] is None else f"{r['held_out_error_vs_rtn']:.6f}"] for r in rows])
     fits = fits_by_dtype(rows) if len(rows) > 1 else None
@@ -196,7 +202,8 @@ def add_parser(sub) -> None:
     p.add_argument("--shapes", default="320x2304,640x4608", help="comma-separated OUTxK Linear shapes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu",
-                   help="where the statistics live and so where the solver solves: cpu (what the node does today) or cuda")
+                   help="where the statistics live and so where the solver solves: cpu or cuda (where the node solves a "
+                        "layer when it fits the GPU that samples)")
     p.add_argument("--act-order", default=MIXED.act_order, choices=ACT_ORDERS,
                    help=f"GPTQ column order(s) solved at the layer's own type (default {MIXED.act_order}, the node's)")
     p.add_argument("--float32-from", type=parse_float32_from, default=FLOAT32_FROM,

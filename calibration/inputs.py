@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.gptq import reduced_float32
 from ..quant.layerinputs import LayerInputs
 from ..quant.plan import is_float_layer
 from .errors import CalibrationError
@@ -86,14 +87,6 @@ def add_gram(h: torch.Tensor, rows: torch.Tensor, alpha: float = 1.0) -> None:
         h[i : i + TRI_BLOCK, i:].addmm_(rows[:, i : i + TRI_BLOCK].T, rows[:, i:], alpha=alpha)
 
 
-def reduced_float32(device: torch.device) -> bool:
-    """Whether float32 products on ``device`` would run at reduced precision (TF32 on a CUDA device, a
-    process-wide setting of torch or of another node pack)."""
-    if device.type != "cuda":
-        return False
-    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
-
-
 def add_gram_from(h: torch.Tensor, rows: torch.Tensor, alpha: float = 1.0) -> None:
     """``h += alpha·rowsᵀ rows`` with the products made on ``rows``' device and only the results moved to
     ``h``'s: the same block rows as :func:`add_gram` (one ``TRI_BLOCK × K`` block, or the whole ``K × K``
@@ -103,9 +96,8 @@ def add_gram_from(h: torch.Tensor, rows: torch.Tensor, alpha: float = 1.0) -> No
     size is the memory bound of ``collect_inputs``, and a small GPU never holds them), while the
     ``rows·K²`` multiply-adds, which on the CPU are most of the statistics' time, run on the GPU; the
     CPU only adds about ``K²/2`` values per call and layer. The products are float32, as on the CPU;
-    where the device would make float32 products in TF32 (:func:`reduced_float32`; 10-bit mantissas,
-    errors of about 1e-3 in ``H``, which GPTQ's authors also turn off) they are made in float64 instead
-    rather than changing that process-wide setting."""
+    where the device would make float32 products in TF32 (``quant.gptq.reduced_float32``) they are made
+    in float64 instead, rather than changing that process-wide setting."""
     k = h.shape[0]
     r = rows.double() if reduced_float32(rows.device) else rows
     starts = _tri_blocks(k)

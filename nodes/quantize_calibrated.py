@@ -16,6 +16,8 @@ codes unchanged, zero extra bytes, kept only if the held-out loss drops). That i
 through the model once per iteration, run with autograd re-enabled inside ComfyUI's inference mode
 on normal-tensor copies of what our copy of the model holds (ComfyUI's own training node does the
 same); it needs the activation memory of one model call's backward pass, hence off by default.
+The statistics live in host RAM; on a CUDA GPU their products are made there, and each layer is solved
+there when its solve fits the GPU's free memory (``solve_on`` "auto"; the CPU otherwise).
 Progress bar over the sampling (and the tuning), and one over the layers solved after each sampling pass;
 cancel stops within one model call or one layer's solve and leaves the input untouched.
 """
@@ -44,6 +46,8 @@ CATEGORY = "qcorrect"
 #: the sketched sensitivity probe of ``mixed_precision``: the recorded calls of this many calibration
 #: samples, this many Gaussian sketches (docs/BENCHMARKS.md, "Mixed precision both ways")
 SKETCH_SAMPLES, SKETCHES = 8, 4
+#: where the layers are solved (``solve_on``): the sampling GPU where a layer fits, or always the CPU
+SOLVE_ON = ("auto", "cpu")
 
 
 def collect_model_inputs(model, base, positive, negative, latent_image, seed, sampler, scheduler, steps, cfg,
@@ -243,6 +247,11 @@ class QuantizeModelCalibrated(io.ComfyNode):
                                          "share measured by a few backward passes of the model on the calibration samples "
                                          "(on the reference model +1.1 to +1.8 dB PSNR, up to +10.7 points of the gap closed, same bytes). Off = int8 "
                                          "layers and low-rank branches only, chosen without running the model."),
+                io.Combo.Input("solve_on", options=list(SOLVE_ON), default="auto", optional=True,
+                               tooltip="Where the layers are solved from their statistics. auto: on the GPU ComfyUI "
+                                       "samples on, each layer whose solve fits its free memory (the others, and "
+                                       "everything without a CUDA GPU, on the CPU); cpu: always on the CPU (hours for "
+                                       "SD1.5's widest layers, but no VRAM)."),
             ],
             outputs=[io.Model.Output()],
         )
@@ -250,7 +259,7 @@ class QuantizeModelCalibrated(io.ComfyNode):
     @classmethod
     def execute(cls, model, preset, positive, negative, latent_image, seed, sampler, scheduler, steps, cfg, batches,
                 rounding, awq, budget, early_steps_weight=4.0, stats_memory_gb=4.0, tune_iterations=0,
-                mixed_precision=True) -> io.NodeOutput:
+                mixed_precision=True, solve_on="auto") -> io.NodeOutput:
         plan = quant_preset(preset)
         mixed = bool(mixed_precision) and float(budget) > 0
         options = ("int8", "rank", "kept") + (("uint3",) if mixed else ())
@@ -266,7 +275,8 @@ class QuantizeModelCalibrated(io.ComfyNode):
             comfy.model_management.throw_exception_if_processing_interrupted()
             solve_bar.update_absolute(done, total)
 
-        solver = CalibratedSolver(base.diffusion_model, plan, config, progress=solved)
+        solve_device = _solve_device(solve_on)
+        solver = CalibratedSolver(base.diffusion_model, plan, config, progress=solved, solve_device=solve_device)
         collected = collect_model_inputs(model, sample_base, positive, negative, latent_image, seed, sampler,
                                          scheduler, steps, cfg, batches, baked, early_steps_weight, stats_memory_gb,
                                          record_calls=int(tune_iterations) > 0 or mixed, consume=solver.add)
@@ -291,7 +301,8 @@ class QuantizeModelCalibrated(io.ComfyNode):
                  f"calibration: {collected['n_fit']} + {collected['n_hold']} held-out samples, input statistics "
                  f"{collected['seconds']:.1f} s in {collected['passes']} sampling pass(es), at most "
                  f"{collected['peak_stats_bytes'] / 2**20:.1f} MiB of them held at once",
-                 _solve_line(len(solved_report["layers"]), mixed, config.budget is not None, solved_report["seconds"]),
+                 _solve_line(len(solved_report["layers"]), mixed, config.budget is not None, solved_report["seconds"],
+                             solved_report.get("placement"), solve_device),
                  f"model size {out.model_size() / 2**20:.1f} MiB (input {model.model_size() / 2**20:.1f} MiB)"]
         if tuned is not None:
             lines.append(f"grid tuning: {tuned['iterations']} iterations in {tuned['seconds']:.1f} s, held-out loss "
@@ -300,11 +311,33 @@ class QuantizeModelCalibrated(io.ComfyNode):
         return io.NodeOutput(out, ui=ui.PreviewText("\n".join(lines)))
 
 
-def _solve_line(layers: int, probe: bool, budget: bool, seconds: float) -> str:
-    """The report's line on the solver's share of the time (the statistics have their own line)."""
+def _solve_device(solve_on: str) -> torch.device | None:
+    """The device the solver may solve layers on: ComfyUI's torch device when it is a CUDA GPU and
+    ``solve_on`` is "auto" (None: where the statistics are, host RAM)."""
+    if solve_on not in SOLVE_ON:
+        raise ValueError(f"solve_on must be one of {SOLVE_ON}, got {solve_on!r}")
+    if solve_on == "cpu":
+        return None
+    device = comfy.model_management.get_torch_device()
+    return device if torch.device(device).type == "cuda" else None
+
+
+def _solve_line(layers: int, probe: bool, budget: bool, seconds: float, placement: dict | None = None,
+                device=None) -> str:
+    """The report's line on the solver's share of the time (the statistics have their own line), and
+    with a solve device, where the layers were solved."""
     what = [f"solving {layers} layers"] + (["the sensitivity probe"] if probe else []) + (["the byte budget"] if budget else [])
     head = what[0] if len(what) == 1 else ", ".join(what[:-1]) + " and " + what[-1]
-    return f"{head}: {seconds:.1f} s"
+    line = f"{head}: {seconds:.1f} s"
+    if placement is not None:
+        why = [f"{placement[k]} {text}" for k, text in (("too_large", "too large for its free memory"),
+                                                         ("out_of_memory", "out of memory while solving"),
+                                                         ("tf32", "not solved there because its float32 products are TF32"))
+               if placement[k]]
+        rest = sum(placement[k] for k in ("too_large", "out_of_memory", "tf32"))
+        line += (f" ({placement['solve_device']} layers solved on {device}"
+                 + (f", {rest} on the CPU: {', '.join(why)}" if rest else "") + ")")
+    return line
 
 
 NODES = [QuantizeModelCalibrated]

@@ -25,6 +25,7 @@ was). Every choice goes into the layer's ``calib`` entry of the plan (saved by `
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -33,7 +34,7 @@ from torch import nn
 
 from .awq import expand, scaled_error, search_scales
 from .errors import QuantizationError
-from .gptq import DEFAULT_DAMP, FLOAT32_FROM, HessianFactors, gptq_quantize, output_error, solve_dtype
+from .gptq import DEFAULT_DAMP, FLOAT32_FROM, HessianFactors, gptq_quantize, output_error, reduced_float32, solve_dtype
 from .layerinputs import LayerInputs
 from .modules import QuantConv2d, QuantLinear
 from .activations import ActQuantizer
@@ -230,10 +231,18 @@ class CalibratedSolver:
     statistics only, and the allocation sees the layers in the plan's order.
 
     ``module`` holds the float weights to solve from and is quantized in place by :meth:`finish`; the
-    statistics may live on another device than its weights (each weight is read onto theirs)."""
+    statistics may live on another device than its weights (each weight is read onto theirs).
+
+    ``solve_device`` (e.g. the GPU that samples, while the statistics live in host RAM): each layer is
+    solved there when it fits — its statistics copied over, the solution copied back to theirs — and
+    where the statistics are otherwise. A layer fits when :func:`solve_bytes` is at most the device's
+    free memory (its own free memory plus what torch has cached there); one that runs out of memory
+    anyway is solved where its statistics are. A CUDA device whose float32 products are TF32
+    (``gptq.reduced_float32``) is not used: the solve's float32 arithmetic is what makes it equal the
+    CPU's. ``placement`` counts where the layers went (the report's ``"placement"``)."""
 
     def __init__(self, module: nn.Module, plan: QuantPlan | str | None, config: CalibratedConfig | None = None,
-                 progress=None) -> None:
+                 progress=None, solve_device: torch.device | str | None = None) -> None:
         self.cfg = (config or CalibratedConfig()).validate()
         self.module, self.plan = module, _as_plan(plan)
         self.progress = progress
@@ -245,6 +254,10 @@ class CalibratedSolver:
         self.solutions: dict[str, LayerSolution] = {}
         self.seconds = 0.0
         self.finished = False
+        self.solve_device = None if solve_device is None else torch.device(solve_device)
+        #: layers solved on ``solve_device``; where their statistics live instead: too large for its free
+        #: memory, out of memory while solving, or its float32 products are TF32
+        self.placement = {"solve_device": 0, "too_large": 0, "out_of_memory": 0, "tf32": 0}
 
     @property
     def layers(self) -> list[str]:
@@ -266,12 +279,42 @@ class CalibratedSolver:
         self.seconds += time.perf_counter() - t0
 
     def _solve(self, name: str, stats: LayerInputs | None) -> None:
+        kept = name not in self.todo
+        sol = None
+        device = self._target(name, stats)
+        if device is not None:
+            try:
+                sol = _moved(self._solution(name, stats.to(device), kept), stats.h_fit.device)
+                self.placement["solve_device"] += 1
+            except torch.OutOfMemoryError:  # everything it allocated is freed with the frames
+                self.placement["out_of_memory"] += 1
+        if sol is None:
+            sol = self._solution(name, stats, kept)
+        self.solutions[name] = sol
+        if self.progress is not None and not kept:
+            self.progress(sum(1 for n in self.solutions if n in self.todo), len(self.todo))
+
+    def _target(self, name: str, stats: LayerInputs | None) -> torch.device | None:
+        """Where to solve a layer if not where its statistics are (None: there)."""
+        dev = self.solve_device
+        if dev is None or stats is None or stats.on(dev):  # no device, no statistics, or already there
+            return None
+        if reduced_float32(dev):
+            self.placement["tf32"] += 1
+            return None
+        if dev.type == "cuda":
+            out = self.module.get_submodule(name).weight.shape[0]
+            if solve_bytes(stats.k, out, solve_dtype(stats.k, self.cfg.float32_from)) > free_bytes(dev):
+                self.placement["too_large"] += 1
+                return None
+        return dev
+
+    def _solution(self, name: str, stats: LayerInputs | None, kept: bool) -> LayerSolution:
         from .budget import prepare
 
         w = self.module.get_submodule(name).weight
         if stats is not None:
             w = w.detach().to(stats.h_fit.device)
-        kept = name not in self.todo
         # one set of factorizations of H for the rounding and every budget candidate of this layer
         factors = None if stats is None else HessianFactors(stats.h_fit, self.cfg.damp,
                                                             solve_dtype(stats.k, self.cfg.float32_from))
@@ -282,9 +325,7 @@ class CalibratedSolver:
             factors.drop("natural")  # the candidates are solved in activation order
         prepare(name, w, sol, stats, self.cfg, factors)
         del factors
-        self.solutions[name] = sol
-        if self.progress is not None and not kept:
-            self.progress(sum(1 for n in self.solutions if n in self.todo), len(self.todo))
+        return sol
 
     def finish(self, sensitivity=None) -> dict:
         """Round the layers without statistics to nearest, spend the budget (weighted by
@@ -345,11 +386,49 @@ class CalibratedSolver:
             "layers": {n: s.calib for n, s in solutions.items()},
             "seconds": round(self.seconds + time.perf_counter() - t0, 2),
             "allocation": allocation,
+            **({"placement": dict(self.placement)} if self.solve_device is not None else {}),
         }
         module.__dict__[CALIB_ATTR] = {k: v for k, v in report.items() if k != "layers"}
         report["summary"] = calibrated_summary(module)
         self.solutions.clear()
         return report
+
+
+#: a layer's solve at its peak, in ``K×K`` matrices of its solve dtype beyond its statistics (measured by
+#: ``qcorrect bench solve``: 4.3 in float64 and 2.0 float64-sized, i.e. 4 float32, at 1280×11520; up to 6
+#: at narrow widths, where the ``out×K`` terms add; docs/BENCHMARKS.md, "Cost")
+SOLVE_MATRICES = 4.5
+
+
+def solve_bytes(k: int, out: int, dtype: torch.dtype) -> int:
+    """What solving a layer of ``out × K`` on a device takes there: its two float32 ``K×K`` sums, about
+    :data:`SOLVE_MATRICES` ``K×K`` matrices of the solve ``dtype`` and a few dozen ``out×K`` ones."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return int(8 * k * k + SOLVE_MATRICES * size * k * k + 16 * size * out * k)
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory a CUDA device can still give this process: the driver's free memory plus what torch's
+    allocator has cached there but does not use."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def _moved(obj, device: torch.device):
+    """``obj`` with every tensor in it (dicts, tuples, lists, dataclasses such as a solution and its
+    budget candidates, which are changed in place) moved to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _moved(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_moved(v, device) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_moved(v, device) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            setattr(obj, f.name, _moved(getattr(obj, f.name), device))
+    return obj
 
 
 def calibrated_summary(module: nn.Module) -> str:

@@ -53,6 +53,16 @@ def solve_dtype(k: int, float32_from: int | None = FLOAT32_FROM) -> torch.dtype:
     return torch.float32 if float32_from is not None and k >= float32_from else torch.float64
 
 
+def reduced_float32(device: torch.device | str) -> bool:
+    """Whether float32 products on ``device`` would run at reduced precision: TF32 on a CUDA device, a
+    process-wide setting of torch that another node pack may have turned on (10-bit mantissas, errors
+    of about 1e-3 in a product, which GPTQ's authors also turn off). The statistics and the solves
+    check it rather than change it."""
+    if torch.device(device).type != "cuda":
+        return False
+    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+
+
 def dampened(h: torch.Tensor, damp: float = DEFAULT_DAMP,
              dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """``(H + λ·mean(diag H)·I, dead)`` in ``dtype``, with dead columns' diagonal set to 1.

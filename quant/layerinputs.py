@@ -12,7 +12,7 @@ errors measure how a choice made on some samples transfers to others.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -56,6 +56,19 @@ class LayerInputs:
     @property
     def h_all(self) -> torch.Tensor:
         return self.h_fit + self.h_hold
+
+    def on(self, device: torch.device | str) -> bool:
+        """Whether the statistics live on ``device`` (``"cuda"`` matches any CUDA device)."""
+        device, here = torch.device(device), self.h_fit.device
+        return here.type == device.type and (device.index is None or here.index == device.index)
+
+    def to(self, device: torch.device | str) -> "LayerInputs":
+        """A copy with every tensor on ``device`` (the counts and notes shared; the input itself if
+        already there)."""
+        if self.on(device):
+            return self
+        moved = {n: getattr(self, n).to(device) for n in ("h_fit", "h_hold", "absmax", "absmean", "hi", "lo")}
+        return replace(self, **moved)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in

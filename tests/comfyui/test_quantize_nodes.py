@@ -488,3 +488,38 @@ def test_mixed_precision_lowers_some_layers_to_3_bits_within_the_budget(comfy, f
     assert len(resolve_plan(dm, quant_preset("W4A16"))) >= len(layers)
     with torch.inference_mode():
         assert torch.isfinite(sample(mixed, pos=conditioning(0), neg=conditioning(1, 0.0))).all()
+
+
+def test_solve_on_auto_uses_a_cuda_device_where_layers_fit_and_reports_where_they_went(comfy, fp, monkeypatch):
+    """``solve_on``: "cpu" and "auto" without a GPU make the same model and no placement note; "auto" with a
+    CUDA torch device hands it to the solver, which solves there only the layers that fit its free memory
+    (none here: the free memory is made 0) and says so in the report."""
+    import comfy.model_management as mm
+    from nodekit import conditioning
+    import qcorrect.quant.calibrated as calibrated
+    import qcorrect.nodes.quantize_calibrated as qc
+    from qcorrect.nodes.quantize_calibrated import QuantizeModelCalibrated
+
+    args = (fp, "W4A16", conditioning(0), conditioning(1, 0.0), {"samples": torch.zeros(2, 4, 8, 8)}, 0, "euler",
+            "normal", 3, 3.0, 2, "gptq", False, 0.0, 4.0, 4.0, 0, False)
+    outs = {}
+    for solve_on in ("cpu", "auto"):
+        (q,), text = node_output(QuantizeModelCalibrated.execute(*args, solve_on))
+        outs[solve_on] = (_weights(q), text)
+    (a, ta), (b, tb) = outs["cpu"], outs["auto"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "solved on" not in ta and "solved on" not in tb
+    assert mm.get_torch_device().type == "cpu" and qc._solve_device("auto") is None and qc._solve_device("cpu") is None
+    seen = []
+    # as on a CUDA machine (only the solver's device: ComfyUI itself stays on the CPU)
+    monkeypatch.setattr(qc, "_solve_device", lambda solve_on: torch.device("cuda") if solve_on == "auto" else None)
+    monkeypatch.setattr(calibrated, "free_bytes", lambda device: seen.append(str(device)) or 0)
+    (q,), text = node_output(QuantizeModelCalibrated.execute(*args, "auto"))
+    n = int(re.search(r"solving (\d+) layers", text).group(1))
+    assert seen and set(seen) == {"cuda"}, seen
+    assert f"(0 layers solved on cuda, {n} on the CPU: {n} too large for its free memory)" in text, text
+    c = _weights(q)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="solve_on"):
+        QuantizeModelCalibrated.execute(*args, "gpu")

@@ -480,3 +480,119 @@ def test_awq_scales_a_layer_whose_input_channels_differ_a_lot_in_either_precisio
     assert torch.equal(torch.exp2(torch.round(torch.log2(s64))), s64) and float(s64.max() / s64.min()) > 1
     assert c32["awq_alpha"] == c64["awq_alpha"] and torch.equal(s32, s64)
     assert c32["held_out_error_vs_rtn"] == pytest.approx(c64["held_out_error_vs_rtn"], abs=1e-3)
+
+
+MIXED = CalibratedConfig(budget=0.45, budget_options=("int8", "rank", "kept", "uint3"))
+SENS = {"mid": 0.5, "a": 2.0, "b": 1.0}
+
+
+def _moved_counter(monkeypatch):
+    """Make every layer's statistics look as if they lived elsewhere than the solve device (the CPU here),
+    so the solver takes its copy-over / copy-back path; returns the list of layers it copied."""
+    copied = []
+    real_to = LayerInputs.to
+
+    def to(self, device):
+        copied.append(self.k)
+        return real_to(self, device) if not torch.device(device).type == "cpu" else LayerInputs(**vars(self))
+
+    monkeypatch.setattr(LayerInputs, "on", lambda self, device: False)
+    monkeypatch.setattr(LayerInputs, "to", to)
+    return copied
+
+
+def test_layers_solved_on_a_solve_device_give_the_same_model(setting, monkeypatch):
+    """CalibratedSolver(solve_device=…): each layer's statistics are copied to that device, solved there and
+    the solution (storage, branch, budget candidates) copied back; the model, the choices and the
+    allocation are those of solving where the statistics are (bit for bit on the same device)."""
+    net, stats, _ = setting
+    whole = Net()
+    rep = quantize_calibrated(whole, "W4A8", stats, MIXED, sensitivity=SENS)
+    copied = _moved_counter(monkeypatch)
+    solver = CalibratedSolver(Net(), "W4A8", MIXED, solve_device="cpu")
+    solver.add(stats)
+    rep2 = solver.finish(sensitivity=SENS)
+    assert len(copied) == len(stats) == rep2["placement"]["solve_device"]
+    assert rep2["placement"] == {"solve_device": len(stats), "too_large": 0, "out_of_memory": 0, "tf32": 0}
+    assert _same_model(whole, solver.module)
+    assert rep["layers"] == rep2["layers"] and rep["allocation"] == rep2["allocation"]
+    assert "placement" not in rep  # only reported when a solve device was given
+
+
+def test_a_layer_out_of_memory_on_the_solve_device_is_solved_where_its_statistics_are(setting, monkeypatch):
+    net, stats, _ = setting
+    whole = Net()
+    quantize_calibrated(whole, "W4A8", stats, MIXED, sensitivity=SENS)
+    _moved_counter(monkeypatch)
+    solver = CalibratedSolver(Net(), "W4A8", MIXED, solve_device="cpu")
+    real = solver._solution
+    tries = []
+
+    def solution(name, st, kept):
+        tries.append(name)
+        if name == "mid" and tries.count("mid") == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(name, st, kept)
+
+    monkeypatch.setattr(solver, "_solution", solution)
+    solver.add(stats)
+    rep = solver.finish(sensitivity=SENS)
+    assert tries.count("mid") == 2 and rep["placement"]["out_of_memory"] == 1
+    assert rep["placement"]["solve_device"] == len(stats) - 1
+    assert _same_model(whole, solver.module)
+
+
+def test_a_solve_device_with_tf32_products_is_not_used(setting, monkeypatch):
+    import qcorrect.quant.calibrated as calibrated
+
+    net, stats, _ = setting
+    copied = _moved_counter(monkeypatch)
+    monkeypatch.setattr(calibrated, "reduced_float32", lambda device: True)
+    solver = CalibratedSolver(Net(), "W4A16", CalibratedConfig(), solve_device="cpu")
+    solver.add(stats)
+    rep = solver.finish()
+    solved = len(solver.layers)  # the plan's quantized layers (3 of the 5)
+    assert not copied and rep["placement"] == {"solve_device": 0, "too_large": 0, "out_of_memory": 0, "tf32": solved}
+
+
+def test_statistics_already_on_the_solve_device_are_not_copied(setting):
+    net, stats, _ = setting
+    st = stats["mid"]
+    assert st.on("cpu") and st.to("cpu") is st and not st.on("meta")
+    moved = st.to("meta")
+    assert moved.h_fit.device.type == "meta" and moved.rows_fit == st.rows_fit and st.h_fit.device.type == "cpu"
+    solver = CalibratedSolver(Net(), "W4A16", CalibratedConfig(), solve_device="cpu")
+    solver.add(stats)
+    assert solver.finish()["placement"]["solve_device"] == 0
+
+
+def test_the_solve_size_counts_the_statistics_and_the_solve_dtypes_matrices():
+    from qcorrect.quant.calibrated import SOLVE_MATRICES, solve_bytes
+
+    k, out = 23040, 1280
+    f32, f64 = solve_bytes(k, out, torch.float32), solve_bytes(k, out, torch.float64)
+    assert f32 == int(8 * k * k + SOLVE_MATRICES * 4 * k * k + 16 * 4 * out * k)
+    assert 12 * 2**30 < f32 < 16 * 2**30 < f64  # SD1.5's widest layer: about 14 GiB in float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layers_solved_on_a_gpu_match_the_cpu_solve(setting, monkeypatch):
+    """The statistics on the CPU, the solve on the GPU: the solutions come back to the CPU and make a model
+    whose layers close to the CPU solve's held-out errors; a device without room is not used."""
+    import qcorrect.quant.calibrated as calibrated
+
+    net, stats, test = setting
+    cpu = Net()
+    rep = quantize_calibrated(cpu, "W4A8", stats, MIXED, sensitivity=SENS)
+    solver = CalibratedSolver(Net(), "W4A8", MIXED, solve_device="cuda")
+    solver.add(stats)
+    rep2 = solver.finish(sensitivity=SENS)
+    assert rep2["placement"]["solve_device"] == len(stats) and rep2["placement"]["tf32"] == 0
+    assert all(t.device.type == "cpu" for t in solver.module.state_dict().values())
+    for name, calib in rep["layers"].items():
+        if "held_out_error_vs_rtn" in calib:
+            assert rep2["layers"][name]["held_out_error_vs_rtn"] == pytest.approx(calib["held_out_error_vs_rtn"], abs=2e-3)
+    monkeypatch.setattr(calibrated, "free_bytes", lambda device: 0)
+    small = CalibratedSolver(Net(), "W4A16", CalibratedConfig(), solve_device="cuda")
+    small.add(stats)
+    assert small.finish()["placement"]["too_large"] == len(small.layers)
