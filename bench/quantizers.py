@@ -201,13 +201,18 @@ def sd15_bytes_ratio(preset: str, cfg: CalibratedConfig | None, budget_extra: fl
     return out
 
 
-def sd15_stats_memory(max_bytes: int = SD15_STATS_MAX_BYTES) -> dict:
-    """What the input statistics of the SD1.5-shaped UNet's W4 layers take (float32, fit + held-out
-    sums), and how ``collect_inputs(max_bytes=…)`` bounds it: the peak and the sampling passes."""
+def sd15_w4_layers() -> tuple[nn.Module, dict[str, nn.Module]]:
+    """The SD1.5-shaped UNet on the meta device and its layers W4A8 quantizes (what calibration collects)."""
     with torch.device("meta"):
         model = SDUNet()
     decisions = resolve_plan(model, PRESETS["W4A8"])
-    layers = {n: m for n, m in calibration_layers(model).items() if decisions.get(n, {}).get("weight")}
+    return model, {n: m for n, m in calibration_layers(model).items() if decisions.get(n, {}).get("weight")}
+
+
+def sd15_stats_memory(max_bytes: int = SD15_STATS_MAX_BYTES) -> dict:
+    """What the input statistics of the SD1.5-shaped UNet's W4 layers take (float32, fit + held-out
+    sums), and how ``collect_inputs(max_bytes=…)`` bounds it: the peak and the sampling passes."""
+    model, layers = sd15_w4_layers()
     sizes = stats_bytes(layers)
     groups = layer_groups(layers, max_bytes)
     largest = max(sizes, key=sizes.get)
@@ -275,12 +280,13 @@ def host_add_rate(k: int = 4608, rows: int = 8, repeats: int = 3) -> float:
 SD15_STATS_SAMPLES = (4, 64)
 
 
-def sd15_stats_macs(model: nn.Module, layers: dict, samples: int, latent: int = 64, steps: int = 20,
-                    rows_per_k: float = DEFAULT_ROWS_PER_K) -> dict:
-    """Multiply-adds of accumulating ``Σ x xᵀ`` for ``layers`` of the (meta-device) SD1.5-shaped UNet over
-    a calibration set of ``samples`` latents of ``latent``² sampled one latent per call for ``steps``
-    steps with CFG (each call's batch is the latent's uncond and cond pass), with ``collect_inputs``'s
-    row cap: per call and layer ``min(rows, cap)·K²``. Shapes come from one forward on the meta device."""
+def sd15_stats_calls(model: nn.Module, layers: dict, samples: int, latent: int = 64, steps: int = 20,
+                     rows_per_k: float = DEFAULT_ROWS_PER_K) -> list[tuple[str, int, int, int]]:
+    """``[(name, K, rows per call, calls)]`` of accumulating ``Σ x xᵀ`` for ``layers`` of the (meta-device)
+    SD1.5-shaped UNet over a calibration set of ``samples`` latents of ``latent``² sampled one latent per
+    call for ``steps`` steps with CFG (each call's batch is the latent's uncond and cond pass), with
+    ``collect_inputs``'s row cap: ``min(rows, cap)`` per call. Shapes come from one forward on the meta
+    device."""
     rows: dict[str, int] = {}
 
     def hook(name):
@@ -296,10 +302,17 @@ def sd15_stats_macs(model: nn.Module, layers: dict, samples: int, latent: int = 
         for h in handles:
             h.remove()
     calls = samples * steps
-    macs = sum(calls * gram_macs(input_size(m.weight.shape), min(rows[n], row_cap(m, rows_per_k, calls)))
-               for n, m in layers.items())
-    # with the products made on a GPU (add_gram_from), the CPU adds each call's products into the sums
-    host_adds = sum(calls * gram_macs(input_size(m.weight.shape), 1) for m in layers.values())
+    return [(n, input_size(m.weight.shape), min(rows[n], row_cap(m, rows_per_k, calls)), calls) for n, m in layers.items()]
+
+
+def sd15_stats_macs(model: nn.Module, layers: dict, samples: int, latent: int = 64, steps: int = 20,
+                    rows_per_k: float = DEFAULT_ROWS_PER_K) -> dict:
+    """Multiply-adds of accumulating ``Σ x xᵀ`` for ``layers`` (:func:`sd15_stats_calls`): per call and layer
+    ``min(rows, cap)·K²`` (about half for the triangular sums); ``host_adds``: what the CPU adds into the
+    sums when the products are made on a GPU (``add_gram_from``), one row's worth per call and layer."""
+    per_layer = sd15_stats_calls(model, layers, samples, latent, steps, rows_per_k)
+    macs = sum(calls * gram_macs(k, rows) for _, k, rows, calls in per_layer)
+    host_adds = sum(calls * gram_macs(k, 1) for _, k, _, calls in per_layer)
     return {"samples": samples, "latent": latent, "steps": steps, "macs": macs, "host_adds": host_adds}
 
 
