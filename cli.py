@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmarks that print a table (--json: one JSON object last)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from .bench import demo, errors, gram, memory, overhead, pcr, quality, quantizers, solve, tuning
+    from .bench import demo, errors, gram, memory, overhead, pcr, quality, quantizers, solve, speed, tuning
 
     memory.add_parser(bench_sub)
     quality.add_parser(bench_sub)
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     tuning.add_parser(bench_sub)
     solve.add_parser(bench_sub)
     gram.add_parser(bench_sub)
+    speed.add_parser(bench_sub)
     demo.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

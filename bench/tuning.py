@@ -143,6 +143,8 @@ def run(latents=(64,), batch: int = 1, preset: str = "W4A8", plain: bool = False
         t0 = time.perf_counter()
         with torch.no_grad():
             model(x, t, ctx)
+        if dev.type == "cuda":  # the forward's kernels, not only their launches
+            torch.cuda.synchronize(dev)
         row.update(forward_seconds=round(time.perf_counter() - t0, 2), forward_peak_bytes=mem.peak())
         for kind in (("lean", "plain") if plain else ("lean",)):
             mem.reset()
