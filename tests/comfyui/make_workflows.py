@@ -152,7 +152,7 @@ def sd15_back() -> list:
 CALIBRATED = {"preset": "W4A8", "seed": CALIB_SEED, "sampler": REF["sampler"], "scheduler": REF["scheduler"],
               "steps": REF["steps"], "cfg": REF["cfg"], "batches": 4, "rounding": "gptq", "awq": False,
               "budget": 0.30, "early_steps_weight": 4.0, "stats_memory_gb": 4.0, "tune_iterations": 200,
-              "mixed_precision": True}
+              "mixed_precision": True, "solve_on": "auto"}
 
 
 def calibrated_nodes() -> list:

@@ -27,7 +27,7 @@ SPEC = {
                                         ["model", "preset", "positive", "negative", "latent_image", "seed",
                                          "sampler", "scheduler", "steps", "cfg", "batches", "rounding", "awq",
                                          "budget", "early_steps_weight", "stats_memory_gb", "tune_iterations",
-                                         "mixed_precision"],
+                                         "mixed_precision", "solve_on"],
                                         ["MODEL"]),
     "QCorrectRelaxTimesteps": ("Relax Timesteps", ["model", "fraction", "where", "bits", "steps", "scheduler"],
                                ["MODEL"]),
