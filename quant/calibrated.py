@@ -238,8 +238,9 @@ class CalibratedSolver:
     where the statistics are otherwise. A layer fits when :func:`solve_bytes` is at most the device's
     free memory (its own free memory plus what torch has cached there); one that runs out of memory
     anyway is solved where its statistics are. A CUDA device whose float32 products are TF32
-    (``gptq.reduced_float32``) is not used: the solve's float32 arithmetic is what makes it equal the
-    CPU's. ``placement`` counts where the layers went (the report's ``"placement"``)."""
+    (``gptq.reduced_float32``) is not used: TF32 would keep about three digits of the factorizations
+    and sweeps the CPU computes in full float32 (or float64). ``placement`` counts where the layers
+    went (the report's ``"placement"``)."""
 
     def __init__(self, module: nn.Module, plan: QuantPlan | str | None, config: CalibratedConfig | None = None,
                  progress=None, solve_device: torch.device | str | None = None) -> None:
@@ -402,7 +403,7 @@ SOLVE_MATRICES = 4.5
 
 def solve_bytes(k: int, out: int, dtype: torch.dtype) -> int:
     """What solving a layer of ``out × K`` on a device takes there: its two float32 ``K×K`` sums, about
-    :data:`SOLVE_MATRICES` ``K×K`` matrices of the solve ``dtype`` and a few dozen ``out×K`` ones."""
+    :data:`SOLVE_MATRICES` ``K×K`` matrices of the solve ``dtype`` and 16 ``out×K`` ones."""
     size = torch.empty((), dtype=dtype).element_size()
     return int(8 * k * k + SOLVE_MATRICES * size * k * k + 16 * size * out * k)
 
