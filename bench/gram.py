@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..calibration.inputs import add_gram, gram_macs, mirror_upper
+from ..calibration.inputs import add_gram, gram_macs
 from .common import emit_json, print_table, set_threads
 from .quantizers import sd15_stats_calls, sd15_w4_layers
 
@@ -36,7 +36,6 @@ def time_update(k: int, rows: int, device: torch.device, repeats: int = 3, seed:
         t = time.perf_counter()
         add_gram(h, x)  # add_gram_from when x is not on the CPU
         best = min(best, time.perf_counter() - t)
-    mirror_upper(h)
     return best
 
 

@@ -189,14 +189,20 @@ class _Accumulator:
         # per-channel ranges per sample (dim 0 = sample, as the dynamic activation quantizer sees it); they
         # are also the finiteness check: amax/amin propagate NaN and reach ±inf, so a non-finite input
         # shows in them without a pass over the whole input
-        hi, lo = per_sample.amax(dim=1), per_sample.amin(dim=1)
+        mag = per_sample.abs()
+        # the call's channel statistics reach the host in one copy (one sync per layer and call on a GPU):
+        # per-sample max and min, then the call's max |x| and per-sample mean |x|
+        ns = x.shape[0]
+        host = torch.cat([per_sample.amax(dim=1), per_sample.amin(dim=1), mag.amax(dim=(0, 1))[None],
+                          mag.mean(dim=1)]).cpu()
+        hi, lo, absmax, absmean = host[:ns], host[ns : 2 * ns], host[2 * ns], host[2 * ns + 1 :]
         if not bool(torch.isfinite(hi).all() and torch.isfinite(lo).all()):
             raise CalibrationError(f"layer {name!r}: its input has NaN/inf at σ={self.sigma:.4g}; the full-precision "
                                    "model cannot be calibrated on these inputs")
-        s.hi += self.weight * hi.sum(0).cpu()
-        s.lo += self.weight * lo.sum(0).cpu()
-        s.absmax = torch.maximum(s.absmax, per_sample.abs().amax(dim=(0, 1)).cpu())
-        s.absmean += self.weight * per_sample.abs().mean(dim=1).sum(0).cpu()
+        s.hi += self.weight * hi.sum(0)
+        s.lo += self.weight * lo.sum(0)
+        s.absmax = torch.maximum(s.absmax, absmax)
+        s.absmean += self.weight * absmean.sum(0)
         s.calls += x.shape[0]
         self.wcalls[name] += self.weight * x.shape[0]
         h = s.h_fit if self.split == "fit" else s.h_hold
